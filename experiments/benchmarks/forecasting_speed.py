@@ -1,0 +1,131 @@
+r"""Training speed of the forecasting models at the ETTh1 settings, against the reference.
+
+  python -m experiments.benchmarks.forecasting_speed [--models=itransformer,dlinear] [--repeats=1]
+
+For each model it runs the paper's full protocol (`experiments/configs/<model>.py:data=etth1,
+pred_len=96`: 10 epochs, validation each epoch, early stopping, test on the best checkpoint)
+through `paperzoo.train_and_evaluate`, and prints:
+  * seconds per training epoch (training steps only; compilation and evaluation apart),
+    steps/s, and the whole run's wall time (from the call to results, compilation included);
+  * the fraction of this machine's floor: the train step's FLOPs (XLA's cost analysis of the
+    forward pass x 3 for forward + backward) over the float32 matmul throughput measured here;
+  * the ratio to the reference PyTorch implementation (Time-Series-Library, torch 2.13 CPU),
+    whose times were measured on this same 2-core machine type and are recorded in
+    ../shared/design/FORECASTING_PROTOCOL.md (torch is not a dependency of paperzoo);
+  * the test MSE, so a speed-up is never bought with accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+import paperzoo
+from experiments.configs import dlinear, itransformer
+from paperzoo.registry import MODELS, TASKS
+
+_MODELS = flags.DEFINE_list("models", ["itransformer", "dlinear"], "Models to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Full runs per model (the median is reported).")
+_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+
+CONFIGS = {"itransformer": itransformer, "dlinear": dlinear}
+# Time-Series-Library on this machine type (FORECASTING_PROTOCOL.md): seconds per training
+# epoch, and the whole 10-epoch run with validation and test after every epoch.
+REFERENCE = {"itransformer": {"epoch_seconds": 6.3, "run_seconds": 80.0, "test_mse": 0.3863},
+             "dlinear": {"epoch_seconds": 0.48, "run_seconds": None, "test_mse": 0.3962}}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+  """float32 matmul throughput of this machine, the best of `repeats` timed products."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+def train_step_gflop(config) -> float:
+  """FLOPs of one training step: XLA's count for the forward pass, times 3 (fwd + bwd)."""
+  task = TASKS.get(config.task.name)(config)
+  model = MODELS.get(config.model.name)(config.model, **task.model_kwargs(),
+                                        rngs=nnx.Rngs(params=0))
+  graphdef, params = nnx.split(model)
+  batch = task.inputs(task.splits["train"].get_batch(np.arange(config.train.batch_size)))
+  forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b, train=False))
+  cost = forward.lower(params, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return 3 * float(cost["flops"]) / 1e9
+
+
+def run_once(name: str) -> dict:
+  config = CONFIGS[name].get_config("data=etth1,pred_len=96")
+  config.train.progress_bar = False
+  config.train.plots = False
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    results = paperzoo.train_and_evaluate(config, workdir)
+    results["run_seconds"] = time.perf_counter() - start
+  return results
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  gflops = matmul_gflops()
+  print(f"machine: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}"
+        f", float32 matmul {gflops:.0f} GFLOP/s (measured now)")
+  rows = []
+  for name in _MODELS.value:
+    if name not in CONFIGS:
+      raise app.UsageError(f"unknown model {name!r}; valid: {', '.join(CONFIGS)}")
+    runs = [run_once(name) for _ in range(_REPEATS.value)]
+    run = sorted(runs, key=lambda r: r["epoch_seconds"])[len(runs) // 2]
+    step_gflop = train_step_gflop(CONFIGS[name].get_config("data=etth1,pred_len=96"))
+    epoch_gflop = step_gflop * run["steps_per_epoch"]
+    floor = epoch_gflop / gflops
+    ref = REFERENCE[name]
+    row = {
+        "model": name, "epoch_seconds": run["epoch_seconds"],
+        "steps_per_second": run["steps_per_epoch"] / run["epoch_seconds"],
+        "run_seconds": run["run_seconds"], "epochs": run["steps"] / run["steps_per_epoch"],
+        "compile_seconds": run["seconds"]["compile"], "eval_seconds": run["seconds"]["eval"],
+        "epoch_gflop": epoch_gflop, "floor_seconds": floor,
+        "fraction_of_floor": floor / run["epoch_seconds"],
+        "epoch_speedup_vs_reference": ref["epoch_seconds"] / run["epoch_seconds"],
+        "run_speedup_vs_reference": (ref["run_seconds"] / run["run_seconds"]
+                                     if ref["run_seconds"] else None),
+        "test_mse": run["test"]["mse"], "reference_test_mse": ref["test_mse"],
+        "all_epoch_seconds": [r["epoch_seconds"] for r in runs],
+    }
+    rows.append(row)
+    print(f"\n{name}: {row['epochs']:.0f} epochs, {row['epoch_seconds']:.2f} s/epoch "
+          f"({row['steps_per_second']:.0f} steps/s), whole run {row['run_seconds']:.1f} s "
+          f"(compile {row['compile_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s)")
+    print(f"  floor: {epoch_gflop:.0f} GFLOP/epoch / {gflops:.0f} GFLOP/s = {floor:.2f} s; "
+          f"achieved {100 * row['fraction_of_floor']:.0f}% of it")
+    print(f"  reference (TSLib, torch CPU): {ref['epoch_seconds']} s/epoch -> "
+          f"{row['epoch_speedup_vs_reference']:.2f}x faster per epoch"
+          + (f"; whole run {ref['run_seconds']:.0f} s -> "
+             f"{row['run_speedup_vs_reference']:.2f}x faster" if ref["run_seconds"] else ""))
+    print(f"  test MSE {row['test_mse']:.4f} (reference run {ref['test_mse']})")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"jax_version": jax.__version__, "matmul_gflops": gflops, "rows": rows}, f,
+                indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,14 @@
+"""Fused kernels for paperzoo's models: attention, selective scan, linear attention.
+
+    from pallas_kernels import flash_attention, selective_scan, chunked_linear_attention
+
+See README.md in this package for the design, the lowering per backend and
+what has been verified where.
+"""
+from __future__ import annotations
+
+from pallas_kernels.chunked_linear_attention import chunked_linear_attention
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.selective_scan import selective_scan
+
+__all__ = ["flash_attention", "selective_scan", "chunked_linear_attention"]

@@ -1,0 +1,118 @@
+"""Every version-sensitive Pallas import, in one place (jax 0.10.2 to 0.12).
+
+The kernels in this package import Pallas only through this module, so that a
+renamed or moved symbol upstream is fixed here once.
+
+| symbol here                 | jax 0.10.2 (Python 3.11)              | jax 0.11.x / 0.12 (Python >= 3.12)       |
+| --------------------------- | ------------------------------------- | ---------------------------------------- |
+| `pl`                        | `jax.experimental.pallas`             | same                                     |
+| `pltpu`                     | `jax.experimental.pallas.tpu`         | same                                     |
+| `pl_triton`                 | `jax.experimental.pallas.triton`      | same, deprecated since 0.11 (may vanish: |
+|                             |                                       | then `None`, and `HAS_TRITON` is False)  |
+| `plgpu` (Mosaic GPU)        | `jax.experimental.pallas.mosaic_gpu`  | same                                     |
+| `triton_compiler_params()`  | `pl_triton.CompilerParams`            | same (`TritonCompilerParams` before 0.7) |
+| `tpu_compiler_params()`     | `pltpu.CompilerParams`                | same (`TPUCompilerParams` before 0.7)    |
+| `mosaic_gpu_compiler_params`| `plgpu.CompilerParams`                | same (`GPUCompilerParams` before 0.7)    |
+| `triton_debug_barrier()`    | `pl_triton.debug_barrier`             | same                                     |
+| `SQUEEZED` (BlockSpec dim)  | `pl.squeezed` (`None` also accepted)  | `pl.squeezed`                            |
+
+Facts the table relies on (Pallas changelog): since 0.9.0 Mosaic GPU is the
+default GPU lowering, and the Triton lowering is selected by passing a Triton
+`CompilerParams` to `pallas_call` (the `backend=` argument is gone since 0.9.1);
+`pl.load`/`pl.store` are gone since 0.9.0 (index refs directly, which every
+version here supports); `pl.dot` moved to the Triton module in 0.10.2, so the
+kernels call `jax.lax.dot_general`, which every lowering accepts.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax
+from jax.experimental import pallas as pl
+
+JAX_VERSION: tuple[int, ...] = tuple(
+    int(part) for part in jax.__version__.split(".")[:3] if part.isdigit())
+
+
+def _optional_module(name: str) -> ModuleType | None:
+  """Imports `name`, or returns None when this jax build lacks it."""
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+
+
+pltpu = _optional_module("jax.experimental.pallas.tpu")
+# The Triton module was `pallas.gpu` before 0.6.1; it is deprecated upstream
+# since 0.11 and may be removed, so its absence must not break the import.
+pl_triton = (_optional_module("jax.experimental.pallas.triton")
+             or _optional_module("jax.experimental.pallas.gpu"))
+plgpu = _optional_module("jax.experimental.pallas.mosaic_gpu")
+
+# A squeezed block dimension: `pl.squeezed` where it exists (0.6+), `None`
+# (its older spelling, still accepted in 0.10.2) otherwise.
+SQUEEZED: Any = getattr(pl, "squeezed", None)
+
+HAS_TRITON = pl_triton is not None
+HAS_TPU = pltpu is not None
+HAS_MOSAIC_GPU = plgpu is not None
+
+
+def _first_attr(module: ModuleType | None, names: tuple[str, ...],
+                what: str) -> Any:
+  if module is None:
+    raise NotImplementedError(
+        f"{what}: this jax ({jax.__version__}) has no such Pallas module.")
+  for name in names:
+    if hasattr(module, name):
+      return getattr(module, name)
+  raise NotImplementedError(
+      f"{what}: none of {names} in {module.__name__} (jax {jax.__version__}).")
+
+
+def triton_compiler_params(num_warps: int | None = None,
+                           num_stages: int | None = None) -> Any:
+  """Compiler params that select (and tune) the Triton lowering on GPU."""
+  cls = _first_attr(pl_triton, ("CompilerParams", "TritonCompilerParams"),
+                    "Triton compiler params")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_compiler_params(**kwargs: Any) -> Any:
+  """Mosaic TPU compiler params (e.g. `dimension_semantics=(...)`)."""
+  cls = _first_attr(pltpu, ("CompilerParams", "TPUCompilerParams"),
+                    "Mosaic TPU compiler params")
+  return cls(**kwargs)
+
+
+def mosaic_gpu_compiler_params(**kwargs: Any) -> Any:
+  """Mosaic GPU compiler params (e.g. `approx_math=True`)."""
+  cls = _first_attr(plgpu, ("CompilerParams", "GPUCompilerParams"),
+                    "Mosaic GPU compiler params")
+  return cls(**kwargs)
+
+
+def triton_debug_barrier() -> None:
+  """A block-wide barrier inside a Triton-lowered kernel.
+
+  Needed where one program writes a buffer and then reads it back in a
+  different thread-to-element layout. Call it only in kernels lowered through
+  Triton: interpret mode runs a program sequentially and has no rule for it.
+  """
+  _first_attr(pl_triton, ("debug_barrier",), "Triton debug_barrier")()
+
+
+def default_backend() -> str:
+  """'gpu', 'tpu' or 'cpu': the platform of the default device."""
+  platform = jax.default_backend()
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+__all__ = [
+    "JAX_VERSION", "SQUEEZED", "pl", "pltpu", "pl_triton", "plgpu", "HAS_TRITON",
+    "HAS_TPU", "HAS_MOSAIC_GPU", "triton_compiler_params",
+    "tpu_compiler_params", "mosaic_gpu_compiler_params",
+    "triton_debug_barrier", "default_backend",
+]

@@ -1,0 +1,18 @@
+"""paperzoo: transformer-family papers as runnable, config-driven JAX/Flax experiments.
+
+    import paperzoo
+    from experiments.configs import itransformer
+    results = paperzoo.train_and_evaluate(itransformer.get_config("runlocal"), "/tmp/run")
+"""
+
+from flax import nnx
+
+from paperzoo.trainer import train_and_evaluate
+
+# paperzoo's layers name their weights' axes logically ("embed", "mlp", ...); paperzoo.sharding
+# maps the names to mesh axes. Flax's eager sharding would read them as mesh axis names instead,
+# and would demand a mesh just to build a model in a notebook, so it is off.
+nnx.use_eager_sharding(False)
+
+__all__ = ["train_and_evaluate"]
+__version__ = "0.1.0"

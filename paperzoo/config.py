@@ -1,0 +1,143 @@
+"""The config schema every experiment shares, each key explained where it is defined.
+
+An experiment config (`experiments/configs/<paper>.py`) starts from `base_config()`, fills in the
+`model`, `task` and `data` sections, and is locked: assigning a key that does not exist here or
+in the experiment config is an error, so a typo never silently does nothing.
+
+`parse_arg` reads big_vision-style argument strings, the part after `:` in
+`--config=experiments/configs/itransformer.py:data=etth1,pred_len=192,runlocal`.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+  """Parses `key=value,key2,...` into a ConfigDict, typed by `defaults`.
+
+  A bare `key` means `key=True` (for switches such as `runlocal`). Values are converted to the
+  type of the default; a key without a default is an error listing the valid keys.
+  """
+  result = ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid arguments: "
+                       f"{', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if not _:
+      value = "True"
+    result[key] = _convert(key, value.strip(), default)
+  return result
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() in ("1", "true", "yes", "on"):
+      return True
+    if value.lower() in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"config argument {key}={value!r} is not a boolean")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+      raise ValueError(f"config argument {key}={value!r} is not a "
+                       f"{type(default).__name__}") from None
+  return value
+
+
+def base_config() -> ConfigDict:
+  """Defaults for the trainer, optimizer, mesh and outputs. Experiments override them."""
+  config = ConfigDict()
+
+  # Seeds everything: parameter init, data order and dropout. The data order is a pure function
+  # of (seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
+  config.seed = 2021
+
+  # Which code runs. Each `name` is looked up in `paperzoo.registry`; the other keys of the
+  # section are read by that code (documented in its module docstring).
+  config.task = ConfigDict({"name": ""})
+  config.data = ConfigDict({"name": ""})
+  config.model = ConfigDict({"name": ""})
+
+  config.train = ConfigDict()
+  # Global batch size of one optimizer update, summed over all devices and micro-batches.
+  config.train.batch_size = 32
+  # Evaluation batch size; the last partial batch is padded and masked, never dropped.
+  config.train.eval_batch_size = 256
+  # Training length: `num_steps` if > 0, else `num_epochs` passes over the training set. An
+  # epoch is floor(train examples / batch_size) steps; the incomplete last batch is skipped
+  # (training only), each epoch in a fresh order.
+  config.train.num_epochs = 10
+  config.train.num_steps = 0
+  # Evaluate on the validation set every this many steps; 0 means once per epoch.
+  config.train.eval_every_steps = 0
+  # Early stopping: stop after this many evaluations without a better validation metric
+  # (0 disables). The metric and its direction come from the task.
+  config.train.patience = 3
+  # Split each batch into this many micro-batches and sum their gradients before one update
+  # (same result as the full batch, less memory).
+  config.train.grad_accum_steps = 1
+  # Exponential moving average of the parameters, used for evaluation when > 0 (e.g. 0.9999).
+  config.train.ema_decay = 0.0
+  # Print and write training metrics every this many steps.
+  config.train.log_every_steps = 50
+  # Save a checkpoint every this many steps (0: only at evaluations and at the end).
+  config.train.checkpoint_every_steps = 0
+  # How many of the latest checkpoints to keep (the best one is kept separately).
+  config.train.keep_checkpoints = 2
+  # A tqdm progress bar with steps/s and ETA on stderr.
+  config.train.progress_bar = True
+  # Write plots (loss curves, task pictures) into the workdir at the end.
+  config.train.plots = True
+
+  config.optimizer = ConfigDict()
+  # "adam" or "adamw" (decoupled weight decay) or "sgd" (with momentum `b1`).
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  # Clip the global gradient norm to this value (0 disables).
+  config.optimizer.grad_clip_norm = 0.0
+  # Learning-rate schedule after warmup:
+  #   "constant"
+  #   "cosine": cosine decay to `min_lr_ratio` * learning_rate at the last step
+  #   "step": multiply by `decay_rate` every `decay_every_epochs` epochs; with decay_rate 0.5
+  #           and decay_every_epochs 1 this is the forecasting papers' halve-every-epoch
+  #           (Time-Series-Library `lradj=type1`).
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_steps = 0
+  config.optimizer.min_lr_ratio = 0.0
+  config.optimizer.decay_rate = 0.5
+  config.optimizer.decay_every_epochs = 1
+
+  # The device mesh. Axis sizes: -1 takes all remaining devices (at most one axis may be -1).
+  # `data`: pure data parallelism; `fsdp`: data parallelism that also shards parameters and
+  # optimizer state; `tensor`: shards weight matrices (heads, hidden units).
+  config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Logical axis name -> mesh axes. Layers name their weights' axes (see paperzoo.layers);
+  # names not listed here are replicated. `batch` is the leading axis of every input batch.
+  config.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+  )
+  return config
+

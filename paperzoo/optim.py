@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule from `config.optimizer` (keys explained in config.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_schedule(opt: Any, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate as a function of the optimizer step."""
+  lr = opt.learning_rate
+  warmup = int(opt.warmup_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  if opt.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  elif opt.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.min_lr_ratio)
+  elif opt.schedule == "step":
+    # Staircase: epoch e (counted from 0 after warmup) trains at lr * decay_rate**(e // every).
+    after = optax.exponential_decay(
+        lr, transition_steps=steps_per_epoch * int(opt.decay_every_epochs),
+        decay_rate=opt.decay_rate, staircase=True)
+  else:
+    raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; valid: {', '.join(SCHEDULES)}")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Gradient clipping (optional) followed by the chosen update rule."""
+  if opt.name == "adam":
+    update = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  elif opt.name == "adamw":
+    update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                         weight_decay=opt.weight_decay)
+  elif opt.name == "sgd":
+    update = optax.sgd(schedule, momentum=opt.b1 or None)
+  else:
+    raise ValueError(f"unknown optimizer.name {opt.name!r}; valid: {', '.join(OPTIMIZERS)}")
+  if opt.name != "adamw" and opt.weight_decay:
+    # L2 regularization added to the gradient, as torch.optim.Adam(weight_decay=...) does.
+    update = optax.chain(optax.add_decayed_weights(opt.weight_decay), update)
+  if opt.grad_clip_norm > 0:
+    update = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), update)
+  return update

@@ -1,0 +1,20 @@
+"""Tasks: what is learned from which data, and how it is scored.
+
+A task is a class registered in `paperzoo.registry.TASKS`, built as `Task(config)`. The trainer
+needs exactly this from it:
+
+  splits: dict[str, dataset]       "train", "val", "test"; each dataset has `__len__` and
+                                   `get_batch(indices) -> dict[str, np.ndarray]`
+  selection_metric, selection_mode the validation metric for early stopping and the best
+                                   checkpoint, and "min" or "max"
+  model_kwargs() -> dict           shape information the model's constructor takes
+  loss(model, batch, *, train, rngs) -> (scalar loss, dict of scalar metrics)
+  eval_sums(model, batch) -> dict  per-batch sums of the evaluation statistics; `batch["mask"]`
+                                   is 1 for real examples and 0 for padding
+  summarize(sums) -> dict          metrics from the sums over a whole split
+  write_pictures(predict, workdir) task-specific plots; `predict(batch)` runs the model
+
+Everything is jit-compiled by the trainer, so `loss` and `eval_sums` must be traceable.
+"""
+
+from paperzoo.tasks import forecasting  # noqa: F401  (registers the task)

@@ -1,0 +1,438 @@
+"""The one trainer: config in, trained model, checkpoints, metrics and pictures out.
+
+Read it top to bottom. `train_and_evaluate(config, workdir)` is what `experiments/run.py` calls,
+and what a notebook calls too. The sections:
+
+  1. Resolve names    registry lookups, so a typo fails before any compute
+  2. Data             the task's splits; the data order is a pure function of (seed, step)
+  3. Mesh             devices arranged as (data, fsdp, tensor)
+  4. Train state      built abstractly, sharded by logical axis rules, then created or restored
+  5. Steps            one jitted train step (donated state) and one jitted evaluation step
+  6. Loop             train, log, evaluate, stop early, checkpoint, honour SIGTERM
+  7. Final test       the best checkpoint on the full validation and test sets, results.json
+
+The train state is a plain dict of pytrees:
+  step      int32 number of optimizer updates done
+  params    the model's nnx.Param variables (nnx.State)
+  extra     every other model variable (batch statistics, ...), updated by the forward pass
+  opt_state the optax state
+  ema       exponential moving average of params (only when train.ema_decay > 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from paperzoo import checkpoint as checkpoint_lib
+from paperzoo import metric_writers
+from paperzoo import optim
+from paperzoo import plots
+from paperzoo import sharding
+from paperzoo.registry import DATASETS, MODELS, TASKS
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.
+
+  Returns the content of `<workdir>/results.json`: final validation and test metrics of the
+  best checkpoint, the best step, and run information. If SIGTERM arrives, the state is saved
+  and `{"status": "preempted", "step": ...}` is returned instead; running again resumes.
+  """
+  with contextlib.ExitStack() as closing:  # checkpoint managers and writers, even on errors
+    return _train_and_evaluate(config, pathlib.Path(workdir), closing)
+
+
+def _train_and_evaluate(config: Any, workdir: pathlib.Path,
+                        closing: contextlib.ExitStack) -> dict[str, Any]:
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ------------------------------------------------------------------------------------------
+  # 1. Resolve names: fail before any compute.
+  # ------------------------------------------------------------------------------------------
+  task_cls = TASKS.get(config.task.name)
+  model_cls = MODELS.get(config.model.name)
+  DATASETS.get(config.data.name)
+  _check_workdir_config(config, workdir)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  # ------------------------------------------------------------------------------------------
+  # 2. Data.
+  # ------------------------------------------------------------------------------------------
+  task = task_cls(config)
+  train_set = task.splits["train"]
+  batch_size = int(config.train.batch_size)
+  steps_per_epoch = len(train_set) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"train.batch_size={batch_size} is larger than the training set "
+                     f"({len(train_set)} examples)")
+  total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * steps_per_epoch
+  eval_every = int(config.train.eval_every_steps) or steps_per_epoch
+  data_order = DataOrder(config.seed, len(train_set), batch_size, steps_per_epoch)
+
+  # ------------------------------------------------------------------------------------------
+  # 3. Mesh.
+  # ------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(rule) for rule in config.sharding_rules)
+  shards = sharding.batch_divisor(mesh, rules)
+  accum = int(config.train.grad_accum_steps)
+  if batch_size % (accum * shards):
+    raise ValueError(f"train.batch_size={batch_size} must be a multiple of "
+                     f"train.grad_accum_steps ({accum}) x batch shards ({shards})")
+  eval_batch_size = -(-int(config.train.eval_batch_size) // shards) * shards
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+
+  # ------------------------------------------------------------------------------------------
+  # 4. Train state: abstract first (no memory), shardings from the logical names, then real.
+  # ------------------------------------------------------------------------------------------
+  schedule = optim.make_schedule(config.optimizer, total_steps=total_steps,
+                                 steps_per_epoch=steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  root_key = jax.random.key(config.seed)
+  init_key, dropout_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
+  ema_decay = float(config.train.ema_decay)
+
+  def make_model() -> nnx.Module:
+    return model_cls(config.model, **task.model_kwargs(), rngs=nnx.Rngs(params=init_key))
+
+  def init_state() -> dict[str, Any]:
+    _, params, extra = nnx.split(make_model(), nnx.Param, ...)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
+             "opt_state": tx.init(params)}
+    if ema_decay > 0:
+      state["ema"] = params
+    return state
+
+  # Variables are created without eager sharding: their logical names are resolved by the rules
+  # below, not read as mesh axes.
+  with nnx.use_eager_sharding(False):
+    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    closing.callback(checkpoints.close)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+      state, record = checkpoints.restore(_with_shardings(abstract_state, state_shardings))
+      _report(f"resumed from {workdir}/checkpoints/{resume_step}")
+    else:
+      state = jax.jit(init_state, out_shardings=state_shardings)()
+      record = {"best_metric": None, "best_step": None, "evals_without_improvement": 0,
+                "training_done": False,
+                "seconds": {"compile": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}}
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+
+  # ------------------------------------------------------------------------------------------
+  # 5. Steps.
+  # ------------------------------------------------------------------------------------------
+  def loss_fn(params, extra, batch, key):
+    model = nnx.merge(graphdef, params, extra)
+    loss, metrics = task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
+    return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    step_key = jax.random.fold_in(dropout_key, state["step"])
+    if accum == 1:
+      (loss, (metrics, extra)), grads = grad_fn(state["params"], state["extra"], batch, step_key)
+    else:
+      # Micro-batch i takes examples i, i + accum, ...: a strided slice of the batch axis keeps
+      # each device's examples on that device. The mean of equal-size micro-batch means is the
+      # full-batch mean, so the update equals the one without accumulation.
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
+
+      def accumulate(i, carry):
+        grads_sum, loss_sum, metrics_sum, extra = carry
+        micro_batch = jax.tree.map(lambda x: x[:, i], micro)
+        (loss, (metrics, extra)), grads = grad_fn(
+            state["params"], extra, micro_batch, jax.random.fold_in(step_key, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+                jax.tree.map(jnp.add, metrics_sum, metrics), extra)
+
+      zero_metrics = jax.eval_shape(loss_fn, state["params"], state["extra"],
+                                    jax.tree.map(lambda x: x[:, 0], micro), step_key)[1][0]
+      carry = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
+               state["extra"])
+      grads, loss, metrics, extra = jax.lax.fori_loop(0, accum, accumulate, carry)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "extra": extra,
+                 "opt_state": opt_state}
+    if ema_decay > 0:
+      new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                      state["ema"], params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state["step"]))
+    return new_state, metrics
+
+  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+
+  def eval_step(params, extra, batch):
+    return task.eval_sums(nnx.merge(graphdef, params, extra), batch)
+
+  eval_params_key = "ema" if ema_decay > 0 else "params"
+  eval_step = jax.jit(eval_step, in_shardings=(state_shardings[eval_params_key],
+                                               state_shardings["extra"], batch_sharding))
+
+  def evaluate(state, split: str) -> dict[str, float]:
+    sums = evaluate_sums(
+        task.splits[split], lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
+        batch_size=eval_batch_size, batch_sharding=batch_sharding)
+    return task.summarize(sums)
+
+  # ------------------------------------------------------------------------------------------
+  # 6. Loop.
+  # ------------------------------------------------------------------------------------------
+  writer = metric_writers.MetricWriter(workdir, resume_step=resume_step)
+  closing.callback(writer.close)
+  start_step = int(jax.device_get(state["step"]))
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # train metrics not yet on the host
+
+  def flush_train_metrics() -> None:
+    """Moves pending metrics to the host, checks the loss, writes the mean over the interval."""
+    if not pending:
+      return
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), metrics in zip(pending, host):
+      if not math.isfinite(float(metrics["loss"])):
+        raise NonFiniteLossError(
+            f"the training loss is {float(metrics['loss'])} at step {step + 1}; the run "
+            f"stopped and the last good checkpoint (step {checkpoints.latest_step()}) is kept "
+            f"in {workdir}/checkpoints")
+    mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    writer.write(pending[-1][0] + 1, "train", mean)
+    pending.clear()
+
+  stopwatch = Stopwatch(record["seconds"])
+
+  def save(state, *, best: bool = False) -> None:
+    flush_train_metrics()  # never save a state that followed a non-finite loss
+    with stopwatch("checkpoint"):
+      record["seconds"] = dict(stopwatch.seconds)
+      checkpoints.save(int(jax.device_get(state["step"])), state, dict(record), best=best)
+
+  preempted = False
+
+  def on_sigterm(signum, frame):
+    nonlocal preempted
+    preempted = True
+
+  bar = metric_writers.progress_bar(total=total_steps, initial=start_step,
+                                    enabled=config.train.progress_bar)
+  try:
+    with _signal_handler(signal.SIGTERM, on_sigterm):
+      step = start_step
+      compiled = False
+      while step < total_steps and not record["training_done"]:
+        with stopwatch("train" if compiled else "compile"):
+          batch = train_set.get_batch(data_order.indices(step))
+          state, metrics = train_step(state, sharding.shard_batch(batch, batch_sharding))
+          if not compiled:  # the first call compiles; time it apart from training
+            jax.block_until_ready(metrics)
+            compiled = True
+        pending.append((step, metrics))
+        step += 1
+        bar.update(1)
+        if step % config.train.log_every_steps == 0:
+          with stopwatch("train"):  # waits for the steps in flight
+            flush_train_metrics()
+          bar.set_postfix(loss=f"{writer.last_train_loss:.4g}", refresh=False)
+        if step % eval_every == 0 or step == total_steps:
+          with stopwatch("train"):
+            flush_train_metrics()
+          with stopwatch("eval"):
+            val = evaluate(state, "val")
+          writer.write(step, "val", val)
+          metric = val[task.selection_metric]
+          better = record["best_metric"] is None or (
+              metric < record["best_metric"] if task.selection_mode == "min"
+              else metric > record["best_metric"])
+          if better:
+            record.update(best_metric=metric, best_step=step, evals_without_improvement=0)
+          else:
+            record["evals_without_improvement"] += 1
+          patience = int(config.train.patience)
+          if step == total_steps or (patience and record["evals_without_improvement"] >= patience):
+            record["training_done"] = True
+          _report(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): val "
+                  + " ".join(f"{k}={v:.4f}" for k, v in val.items())
+                  + (" (best)" if better else
+                     f" (no improvement for {record['evals_without_improvement']})"))
+          if better:
+            save(state, best=True)
+          save(state)
+        elif (config.train.checkpoint_every_steps
+              and step % config.train.checkpoint_every_steps == 0):
+          save(state)
+        if preempted:
+          save(state)
+          checkpoints.wait()
+          _report(f"SIGTERM: saved step {step} in {workdir}/checkpoints; run again to resume")
+          return {"status": "preempted", "step": step}
+      flush_train_metrics()
+  finally:
+    bar.close()
+    checkpoints.wait()
+
+  # ------------------------------------------------------------------------------------------
+  # 7. Final test with the best checkpoint.
+  # ------------------------------------------------------------------------------------------
+  best_state, best_record = checkpoints.restore(
+      _with_shardings(abstract_state, state_shardings), best=True)
+  results = {
+      "status": "done",
+      "val": evaluate(best_state, "val"),
+      "test": evaluate(best_state, "test"),
+      "best_step": best_record["best_step"],
+      "steps": int(jax.device_get(state["step"])),
+      "steps_per_epoch": steps_per_epoch,
+      "stopped_early": int(jax.device_get(state["step"])) < total_steps,
+      # Wall time by activity, summed over resumptions. "train" counts the training steps only
+      # (synchronized at logging and evaluation), "compile" the first step of each process.
+      "seconds": stopwatch.seconds,
+      "epoch_seconds": stopwatch.seconds["train"] * steps_per_epoch / max(
+          int(jax.device_get(state["step"])) - 1, 1),
+      "num_params": int(num_params),
+      "model": config.model.name, "task": config.task.name, "data": config.data.name,
+      "seed": int(config.seed),
+      "jax_version": jax.__version__,
+      "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
+      "mesh": dict(mesh.shape),
+  }
+  writer.write(results["best_step"], "test", results["test"])
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  _report(f"test (best checkpoint, step {results['best_step']}): "
+          + " ".join(f"{k}={v:.4f}" for k, v in results["test"].items()))
+
+  if config.train.plots:
+    plots.loss_curves(metric_writers.read_metrics(workdir), workdir / "loss_curves.png",
+                      selection_metric=task.selection_metric)
+    predict = jax.jit(lambda params, extra, inputs: nnx.merge(graphdef, params, extra)(
+        inputs, train=False, rngs=None))
+    task.write_pictures(
+        lambda inputs: predict(best_state[eval_params_key], best_state["extra"], inputs),
+        workdir)
+  return results
+
+
+def evaluate_sums(dataset: Any, eval_fn: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
+                  *, batch_size: int, batch_sharding: Any) -> dict[str, float]:
+  """Sums `eval_fn`'s statistics over every example of `dataset`, none dropped.
+
+  The last partial batch is padded to `batch_size` (so the jitted step compiles once) by
+  repeating the last index, and `batch["mask"]` marks the padding with 0 for `eval_fn` to
+  ignore. The per-batch sums are added up on the host in float64.
+  """
+  sums = []
+  for start in range(0, len(dataset), batch_size):
+    indices = np.arange(start, min(start + batch_size, len(dataset)))
+    mask = np.zeros(batch_size, np.float32)
+    mask[:len(indices)] = 1.0
+    indices = np.pad(indices, (0, batch_size - len(indices)), mode="edge")
+    batch = dict(dataset.get_batch(indices), mask=mask)
+    sums.append(eval_fn(sharding.shard_batch(batch, batch_sharding)))
+  return jax.tree.map(lambda *xs: float(np.sum(np.asarray(xs, np.float64))),
+                      *jax.device_get(sums))
+
+
+class DataOrder:
+  """Which training examples make up batch `step`: a pure function of (seed, step).
+
+  Each epoch is a fresh permutation drawn from (seed, epoch); the incomplete last batch of an
+  epoch is skipped. Resuming at any step therefore replays exactly the uninterrupted order.
+  """
+
+  def __init__(self, seed: int, num_examples: int, batch_size: int, steps_per_epoch: int):
+    self.seed, self.num_examples = seed, num_examples
+    self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+    self._epoch, self._permutation = -1, np.empty(0, np.int64)
+
+  def indices(self, step: int) -> np.ndarray:
+    epoch, position = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._permutation = np.random.default_rng([self.seed, epoch]).permutation(
+          self.num_examples)
+    start = position * self.batch_size
+    return self._permutation[start:start + self.batch_size]
+
+
+class Stopwatch:
+  """Wall-clock seconds per named activity: `with stopwatch("eval"): ...`."""
+
+  def __init__(self, seconds: dict[str, float]):
+    self.seconds = dict(seconds)
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+# Config sections that decide what a checkpoint means; resuming with others changed is refused.
+_STATE_DEFINING_SECTIONS = ("task", "data", "model")
+
+
+def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
+  saved_path = workdir / "config.json"
+  if not saved_path.exists() or not (workdir / "checkpoints").exists():
+    return
+  saved = json.loads(saved_path.read_text())
+  current = json.loads(config.to_json_best_effort())
+  for section in _STATE_DEFINING_SECTIONS:
+    if saved.get(section) != current.get(section):
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"{workdir} holds checkpoints of a run whose config.{section} differs from this one "
+          f"(saved: {saved.get(section)}, now: {current.get(section)}). Resume with the same "
+          f"config or use a new --workdir.")
+
+
+@contextlib.contextmanager
+def _signal_handler(signum: int, handler: Callable[..., None]):
+  """Installs a handler for the duration of the block (main thread only, else a no-op)."""
+  try:
+    previous = signal.signal(signum, handler)
+  except ValueError:  # not the main thread: a notebook worker, for example
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signum, previous)
+
+
+def _report(message: str) -> None:
+  tqdm.tqdm.write(message, file=sys.stdout)
+  sys.stdout.flush()

@@ -1,0 +1,130 @@
+"""chunked_linear_attention: the chunked form against the sequential reference.
+
+Tolerances, relative to the largest magnitude of the reference array:
+float32 outputs 1e-5, gradients 1e-4; bfloat16 inputs outputs 2e-2,
+gradients 5e-2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import chunked_linear_attention
+from pallas_kernels.chunked_linear_attention import reference_linear_attention
+
+TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
+
+
+def make_inputs(batch, length, heads, key_dim, value_dim, decay,
+                dtype=jnp.float32, seed=0):
+  # numpy's generator: eager jax.random compiles per shape, seconds each.
+  rng = np.random.default_rng(seed)
+
+  def normal(*shape):
+    return rng.standard_normal(shape, np.float32)
+
+  q = jnp.asarray(normal(batch, length, heads, key_dim), dtype)
+  k = jnp.asarray(normal(batch, length, heads, key_dim), dtype)
+  v = jnp.asarray(normal(batch, length, heads, value_dim), dtype)
+  log_decay = None
+  if decay is not None:
+    shape = (batch, length, heads) + ((key_dim,) if decay == "key" else ())
+    # log sigmoid(x + 2): decays mostly near 1, some strong.
+    log_decay = jnp.asarray(-np.log1p(np.exp(-(normal(*shape) + 2.0))))
+  return q, k, v, log_decay
+
+
+@pytest.mark.parametrize("decay", ["head", "key"])
+def test_reference_is_the_recurrence(fast_jit, decay):
+  q, k, v, log_decay = make_inputs(2, 7, 2, 3, 4, decay)
+  got = fast_jit(lambda q, k, v, w: reference_linear_attention(
+      q, k, v, w, scale=0.5))(q, k, v, log_decay)
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  w = (np.zeros(q.shape[:3]) if log_decay is None
+       else np.asarray(log_decay, np.float64))
+  if w.ndim == 3:
+    w = np.broadcast_to(w[..., None], q.shape)
+  state = np.zeros((2, 2, 3, 4))
+  want = np.zeros(v.shape)
+  for t in range(7):
+    state = (np.exp(w[:, t])[..., None] * state
+             + k[:, t, :, :, None] * v[:, t, :, None, :])
+    want[:, t] = 0.5 * np.einsum("bhk,bhkv->bhv", q[:, t], state)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# (batch, length, heads, key_dim, value_dim), decay, chunk_size
+CASES = [
+    ((2, 37, 3, 8, 5), None, 8),       # length not a chunk multiple
+    ((1, 40, 2, 4, 6), "head", 8),     # scalar decay per head
+    ((2, 29, 2, 8, 4), "key", 16),     # decay per key dimension
+    ((1, 1, 2, 4, 4), "key", 64),      # length 1, chunk longer than it
+]
+
+
+def _check(fast_jit, close, case, dtype):
+  shape, decay, chunk_size = case
+  q, k, v, log_decay = make_inputs(*shape, decay, dtype=dtype)
+
+  def value_and_grads(impl):
+    def loss(q, k, v, w):
+      out = chunked_linear_attention(q, k, v, w, chunk_size=chunk_size,
+                                     impl=impl)
+      weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(
+          out.shape)
+      return jnp.sum(out.astype(jnp.float32) * weights), out
+    argnums = (0, 1, 2) if decay is None else (0, 1, 2, 3)
+    return jax.value_and_grad(loss, argnums=argnums, has_aux=True)
+
+  def both(q, k, v, w):
+    return [value_and_grads(impl)(q, k, v, w)
+            for impl in ("chunked", "reference")]
+
+  ((_, out), grads), ((_, ref_out), ref_grads) = fast_jit(both)(
+      q, k, v, log_decay)
+  out_tol, grad_tol = TOL[dtype]
+  assert out.dtype == dtype and out.shape == v.shape
+  close(out, ref_out, atol=out_tol, name="out")
+  for name, grad, ref_grad in zip(("q", "k", "v", "log_decay"), grads,
+                                  ref_grads):
+    close(grad, ref_grad, atol=grad_tol, name=f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_reference_f32(fast_jit, close, case):
+  _check(fast_jit, close, case, jnp.float32)
+
+
+def test_chunked_matches_reference_bf16(fast_jit, close):
+  _check(fast_jit, close, CASES[2], jnp.bfloat16)
+
+
+def test_strong_decay_stays_finite(fast_jit):
+  # Cumulative decay far beyond float32's exp range within one chunk.
+  q, k, v, _ = make_inputs(1, 64, 1, 4, 4, None)
+  log_decay = jnp.asarray(np.full((1, 64, 1, 4), -30.0, np.float32))
+  out = fast_jit(lambda q, k, v, w: chunked_linear_attention(
+      q, k, v, w, chunk_size=64))(q, k, v, log_decay)
+  # With decay exp(-30) the state is (almost exactly) the last k^T v.
+  q, k, v = (np.asarray(x) for x in (q, k, v))
+  want = 0.5 * np.einsum("blhk,blhk,blhv->blhv", q, k, v)
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(q=jnp.zeros((1, 4, 2))), "rank 4"),
+    (dict(k=jnp.zeros((1, 4, 2, 3))), "same shape"),
+    (dict(v=jnp.zeros((1, 5, 2, 4))), "v must be"),
+    (dict(log_decay=jnp.zeros((1, 4))), "log_decay must be"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(impl="pallas"), "valid: auto, chunked, reference"),
+])
+def test_bad_inputs_raise(change, message):
+  args = dict(q=jnp.zeros((1, 4, 2, 4)), k=jnp.zeros((1, 4, 2, 4)),
+              v=jnp.zeros((1, 4, 2, 4)), log_decay=None, impl="reference")
+  args.update(change)
+  with pytest.raises(ValueError, match=message):
+    chunked_linear_attention(args.pop("q"), args.pop("k"), args.pop("v"),
+                             args.pop("log_decay"), **args)

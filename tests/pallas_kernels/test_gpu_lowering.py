@@ -1,0 +1,73 @@
+"""The GPU path lowers: Pallas -> Triton IR for CUDA, checked from a CPU host.
+
+`jax.export` with platforms=["cuda"] runs the Pallas Triton lowering (every
+kernel becomes a `__gpu$xla.gpu.triton` custom call carrying Triton IR)
+without a GPU. It catches what the Triton rules refuse (non-power-of-two
+tensors, unsupported primitives, dot shapes); it does not compile to PTX or
+run, so numerics and speed on a GPU still need a GPU (see README.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from pallas_kernels import flash_attention, selective_scan
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def lower_for_cuda(fn, *args) -> str:
+  exported = export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
+  )(*args)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,causal,segments,dtype", [
+    (4, 4, 64, False, False, jnp.bfloat16),
+    (6, 2, 72, True, True, jnp.bfloat16),     # GQA group 3, head_dim padded
+    (4, 1, 128, True, False, jnp.float16),    # MQA
+    (2, 2, 32, False, True, jnp.float32),
+])
+def test_attention_forward_and_backward_lower(heads, kv_heads, head_dim,
+                                              causal, segments, dtype):
+  q = jnp.zeros((2, 100, heads, head_dim), dtype)
+  kv = jnp.zeros((2, 130, kv_heads, head_dim), dtype)
+  segment_ids = ((jnp.zeros((2, 100), jnp.int32),
+                  jnp.zeros((2, 130), jnp.int32)) if segments else None)
+
+  def loss(q, k, v):
+    out = flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                          impl="pallas")
+    return jnp.sum(out.astype(jnp.float32))
+
+  module = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+  # forward (residuals for the backward), dq, dk/dv
+  assert module.count(_TRITON_CALL) == 3
+
+
+@pytest.mark.parametrize("groups,state,with_z,dtype", [
+    (None, 16, False, jnp.bfloat16),
+    (2, 5, True, jnp.float32),                # state padded to 8
+])
+def test_selective_scan_forward_and_backward_lower(groups, state, with_z,
+                                                   dtype):
+  batch, length, channels = 2, 50, 24
+  u = jnp.zeros((batch, length, channels), dtype)
+  A = jnp.zeros((channels, state))
+  bc = jnp.zeros((batch, length, state) if groups is None
+                 else (batch, length, groups, state), dtype)
+  D = jnp.zeros((channels,))
+
+  def loss(u, delta, A, B, C):
+    y, last = selective_scan(u, delta, A, B, C, D=D, z=u if with_z else None,
+                             delta_bias=D, delta_softplus=True,
+                             return_last_state=True, impl="pallas")
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(last)
+
+  module = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), u, u, A,
+                          bc, bc)
+  assert module.count(_TRITON_CALL) == 2   # forward, backward

@@ -1,0 +1,128 @@
+"""The trainer's promises, each checked end to end on tiny configs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import paperzoo
+from paperzoo import checkpoint as checkpoint_lib
+from paperzoo import metric_writers
+from paperzoo import sharding
+from paperzoo import trainer
+from experiments.configs import dlinear, quickstart
+
+
+def train_losses(workdir) -> list[float]:
+  return [r["loss"] for r in metric_writers.read_metrics(workdir) if r["split"] == "train"]
+
+
+def tiny_dlinear(**train):
+  config = dlinear.get_config("runlocal,pred_len=24")
+  config.train.plots = False
+  config.train.update(train)
+  return config
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step():
+  order = trainer.DataOrder(seed=3, num_examples=103, batch_size=10, steps_per_epoch=10)
+  forward = [order.indices(step).copy() for step in range(25)]
+  fresh = trainer.DataOrder(seed=3, num_examples=103, batch_size=10, steps_per_epoch=10)
+  backward = [fresh.indices(step).copy() for step in reversed(range(25))][::-1]
+  for a, b in zip(forward, backward):
+    np.testing.assert_array_equal(a, b)
+  epoch0 = np.concatenate(forward[:10])
+  assert len(set(epoch0.tolist())) == 100  # no repeats inside an epoch
+  assert not np.array_equal(forward[0], forward[10])  # a new order each epoch
+  other_seed = trainer.DataOrder(seed=4, num_examples=103, batch_size=10, steps_per_epoch=10)
+  assert not np.array_equal(forward[0], other_seed.indices(0))
+
+
+class _IndexDataset:
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def get_batch(self, indices):
+    return {"index": indices.astype(np.float32)}
+
+
+def test_evaluation_sees_every_example_exactly_once():
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  batch_sharding = sharding.batch_sharding(mesh, (("batch", ("data", "fsdp")),))
+  eval_fn = jax.jit(lambda b: {"count": b["mask"].sum(), "total": (b["index"] * b["mask"]).sum()})
+  sums = trainer.evaluate_sums(_IndexDataset(37), eval_fn, batch_size=16,
+                               batch_sharding=batch_sharding)
+  assert sums == {"count": 37.0, "total": float(sum(range(37)))}
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path / "full")
+  paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3, grad_accum_steps=4), tmp_path / "accum")
+  np.testing.assert_allclose(train_losses(tmp_path / "accum"), train_losses(tmp_path / "full"),
+                             rtol=1e-5)
+
+
+def test_ema_weights_are_evaluated(tmp_path):
+  plain = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=4), tmp_path / "plain")
+  ema = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=4, ema_decay=0.9), tmp_path / "ema")
+  assert train_losses(tmp_path / "plain") == pytest.approx(train_losses(tmp_path / "ema"))
+  assert ema["test"]["mse"] != pytest.approx(plain["test"]["mse"], rel=1e-4)
+
+
+def test_early_stopping_selects_on_validation_and_tests_the_best(tmp_path):
+  config = tiny_dlinear(num_steps=40, eval_every_steps=2, patience=2)
+  config.optimizer.learning_rate = 0.5  # large enough that validation gets worse quickly
+  config.optimizer.schedule = "constant"
+  results = paperzoo.train_and_evaluate(config, tmp_path)
+  val = [r for r in metric_writers.read_metrics(tmp_path) if r["split"] == "val"]
+  best = min(val, key=lambda r: r["mse"])
+  assert results["best_step"] == best["step"]
+  assert results["val"]["mse"] == pytest.approx(best["mse"], rel=1e-6)
+  assert results["stopped_early"] and results["steps"] < 40
+  # Patience 2: training stopped two evaluations after the best one.
+  assert val[-1]["step"] == best["step"] + 2 * 2
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_dlinear(num_steps=20, checkpoint_every_steps=1)
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.schedule = "constant"
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+)") as error:
+    paperzoo.train_and_evaluate(config, tmp_path)
+  bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+  checkpoints = checkpoint_lib.Checkpoints(tmp_path, keep=2)
+  assert checkpoints.latest_step() == bad_step - 1
+  checkpoints.close()
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path):
+  paperzoo.train_and_evaluate(tiny_dlinear(), tmp_path)
+  config = tiny_dlinear(num_steps=4)
+  config.model.individual = True
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="config.model differs"):
+    paperzoo.train_and_evaluate(config, tmp_path)
+  # Without the saved config to compare against, the checkpoint itself is checked.
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not match the model"):
+    paperzoo.train_and_evaluate(config, tmp_path)
+
+
+def test_a_finished_workdir_resumes_without_training_again(tmp_path):
+  first = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
+  second = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
+  assert second["test"] == first["test"]
+  assert len(train_losses(tmp_path)) == 3
+
+
+def test_quickstart_learns_the_synthetic_series(tmp_path):
+  config = quickstart.get_config()
+  config.train.num_epochs = 1
+  config.train.progress_bar = False
+  results = paperzoo.train_and_evaluate(config, tmp_path)
+  # Predicting the mean of the normalized series scores about 1.0; one epoch gets well below.
+  assert results["test"]["mse"] < 0.3, results["test"]
+  assert (tmp_path / "forecasts.png").stat().st_size > 10_000
