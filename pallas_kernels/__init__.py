@@ -1,6 +1,7 @@
-"""Fused kernels for paperzoo's models: attention, selective scan, linear attention.
+"""Fused kernels for paperzoo's models: attention, scans, linear attention.
 
-    from pallas_kernels import flash_attention, selective_scan, chunked_linear_attention
+    from pallas_kernels import (chunked_linear_attention, flash_attention,
+                                selective_scan)
 
 See README.md in this package for the design, the lowering per backend and
 what has been verified where.

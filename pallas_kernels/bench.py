@@ -11,10 +11,13 @@ Conventions:
 - attention forward FLOPs 4 * B * H * Sq * Skv * D, halved when causal;
   backward 2.5x forward, timed as (forward + backward) - forward;
 - selective scan bytes: u, delta, z and y once each ([B, L, channels]),
-  B and C once ([B, L, groups, N]); floors printed: bytes / measured HBM
-  bandwidth and exponentials (B L channels N) / measured exp throughput;
+  B and C once ([B, L, groups, N]); floors printed for the forward: bytes /
+  measured HBM bandwidth and exponentials (B L channels N) / measured exp
+  throughput; backward timed like attention's, its bytes also counting dy
+  and the gradients written;
 - chunked linear attention FLOPs per token and head: 2 c (Dk + Dv) + 4 Dk Dv
-  (chunk c: intra-chunk scores and values, state read-out and update).
+  (chunk c: intra-chunk scores and values, state read-out and update),
+  forward only; baselines the jnp chunked form and the sequential scan.
 
 Shapes: the issue's grid on GPU (B*S = 16k tokens, H*D = 2048, D in {64,
 128}, S from 512 to 16k, causal and not; scan batch 8, channels 2048, state
@@ -203,22 +206,39 @@ def bench_scan(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
           u, d, A, grouped(B), grouped(C), D, z, b, True)[0],
   }
   operands = (u, delta, A, B, C, D, z, bias)
+  # Backward traffic: read u, delta, z, dy and write their three gradients;
+  # read B, C and write dB, dC.
+  bytes_bwd = itemsize * (7 * batch * length * channels
+                          + 4 * batch * length * state)
   times, rows = {}, []
   for name, fn in impls.items():
-    seconds, note = _try_time(jax.jit(fn), *operands, iters=args.iters)
-    times.setdefault(("selective_scan", label, "fwd"), {})[name] = seconds
-    if seconds is None:
-      print(f"{'selective_scan':<18} {label:<34} {name:<11} fwd  "
-            f"unavailable: {note}")
-      continue
-    gbps = bytes_moved / seconds / 1e9
-    rows.append(Row("selective_scan", label, name, "fwd", seconds, gbps,
-                    "GB/s", gbps / peaks.hbm_gbps,
-                    f"({seconds / floor_s:.1f}x floor)"))
+    def forward_backward(*operands, fn=fn):
+      def loss(*operands):
+        return jnp.sum(fn(*operands).astype(jnp.float32))
+      return jax.grad(loss, argnums=tuple(range(8)))(*operands)
+
+    fwd_s, note = _try_time(jax.jit(fn), *operands, iters=args.iters)
+    both_s, note_b = (None, note) if fwd_s is None else _try_time(
+        jax.jit(forward_backward), *operands, iters=args.iters)
+    bwd_s = None if both_s is None else max(both_s - fwd_s, 1e-9)
+    for direction, seconds, moved, why in (("fwd", fwd_s, bytes_moved, note),
+                                           ("bwd", bwd_s, bytes_bwd, note_b)):
+      times.setdefault(("selective_scan", label, direction), {})[name] = (
+          seconds)
+      if seconds is None:
+        print(f"{'selective_scan':<18} {label:<34} {name:<11} {direction:<4}"
+              f" unavailable: {why}")
+        continue
+      gbps = moved / seconds / 1e9
+      note_floor = (f"({seconds / floor_s:.1f}x floor)" if direction == "fwd"
+                    else "")
+      rows.append(Row("selective_scan", label, name, direction, seconds, gbps,
+                      "GB/s", gbps / peaks.hbm_gbps, note_floor))
   _print_rows(rows, times)
 
 
-def bench_linear_attention(args, peaks: Peaks, dtype) -> None:
+def bench_linear_attention(args, peaks: Peaks, dtype, pallas_impl: str
+                           ) -> None:
   batch, length, heads, dim = ((1, 64, 2, 16) if args.quick
                                else (4, 4096, 16, 128))
   chunk = 16 if args.quick else 64
@@ -231,7 +251,7 @@ def bench_linear_attention(args, peaks: Peaks, dtype) -> None:
   label = f"B{batch} L{length} H{heads} D{dim} c{chunk}"
   flops = batch * length * heads * (2 * chunk * 2 * dim + 4 * dim * dim)
   times, rows = {}, []
-  for impl in ("chunked", "reference"):
+  for impl in (pallas_impl, "chunked", "reference"):
     fn = jax.jit(lambda q, k, v, w, impl=impl: chunked_linear_attention(
         q, k, v, w, chunk_size=chunk, impl=impl))
     seconds, note = _try_time(fn, q, k, v, log_decay, iters=args.iters)
@@ -285,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "scan" in kernels:
     bench_scan(args, peaks, dtype, pallas_impl)
   if "linear" in kernels:
-    bench_linear_attention(args, peaks, dtype)
+    bench_linear_attention(args, peaks, dtype, pallas_impl)
 
 
 if __name__ == "__main__":

@@ -26,23 +26,52 @@ it is <= 0 whenever the decays are <= 1 (never overflows); the pairwise
 exp(b_r - b_s) is formed explicitly (masked to s <= r) rather than factored
 into exp(b_r) * exp(-b_s), which would overflow for strong decay.
 
-Implementations: "chunked" is that form in `jnp` (a `lax.scan` over chunks
-with a rematerialised step, so its autodiff memory is one chunk's
-intermediates plus the chunk states); "reference" is the sequential
-recurrence. There is no Pallas kernel for this op yet: "auto" selects
-"chunked" on every backend, and gradients come from JAX autodiff of the
-chunked form (not a custom_vjp).
+Implementations: "pallas" (Triton on GPU) and "interpret" run a Pallas
+kernel of the chunked form; "chunked" is that form in `jnp` (a `lax.scan`
+over chunks with a rematerialised step, so its autodiff memory is one
+chunk's intermediates plus the chunk states); "reference" is the sequential
+recurrence. "auto" picks "pallas" on GPU and "chunked" elsewhere.
+
+The Pallas kernel runs a grid over (batch, head, value block): the state's
+value columns evolve independently, so each program owns S[:, block] in
+float32 registers and walks the chunks, writing the state entering each
+chunk to a buffer the backward pass reads. Its `custom_vjp` backward is one
+Pallas kernel walking the chunks in reverse with dS = dL/dS (the gradient
+leaving the chunk):
+
+    P_rs    = <do_r, v_s> (s <= r),  E_rs = exp(b_r - b_s),  do = scale * d out
+    dq_r    = sum_s P_rs E_rs k_s + (do_r S_in^T) exp(b_r)
+    dk_s    = sum_r P_rs E_rs q_r + exp(b_c - b_s) (dS v_s)
+    dv_s    = sum_r <q_r, E_rs k_s> do_r + (k_s exp(b_c - b_s)) dS
+    dS_in   = exp(b_c) dS + sum_r (q_r exp(b_r))^T do_r
+
+(dq and dk are per value block and summed in XLA.) The decay gradient needs
+no kernel: with B_t the cumulative log decay from the sequence start, the
+loss depends on it only through q_t exp(B_t) and k_t exp(-B_t), so
+dL/dB_t = q_t dq_t - k_t dk_t and d log_decay_t = sum_{t' >= t} dL/dB_t'
+(summed over key_dim for a per-head decay). For a per-key decay the kernel
+forms the [chunk, chunk, key_dim] pairwise decays in registers and uses
+chunks of 16 whatever chunk_size says (the result does not depend on it).
+The Triton path lowers to Triton IR (checked on CPU through
+`jax.export(platforms=["cuda"])`) but was NOT compiled or run on GPU hardware
+in the session that wrote it.
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "chunked", "reference")
+from pallas_kernels import compat
+from pallas_kernels.compat import pl
+
+IMPLS = ("auto", "pallas", "interpret", "chunked", "reference")
 
 
 def chunked_linear_attention(q, k, v, log_decay=None, *, chunk_size=64,
-                             scale=None, impl="auto"):
+                             scale=None, impl="auto", block_v=64):
   """Causal (decayed) linear attention, see the module docstring.
 
   Args:
@@ -53,16 +82,27 @@ def chunked_linear_attention(q, k, v, log_decay=None, *, chunk_size=64,
     chunk_size: steps per chunk of the chunked form (length need not be a
       multiple: the tail chunk is zero-padded, which leaves outputs unchanged).
     scale: output scale, default key_dim ** -0.5 (pass 1.0 for SSD/RetNet).
-    impl: "auto" (= "chunked"), "chunked" or "reference" (sequential scan).
+    impl: "auto" ("pallas" on GPU, "chunked" elsewhere), "pallas",
+      "interpret" (the Pallas kernel in interpret mode), "chunked" (jnp) or
+      "reference" (sequential scan).
+    block_v: value columns per Pallas program (a power of two >= 16).
 
   Returns:
     [batch, length, heads, value_dim] in q's dtype. Computation is float32.
   """
   _check_inputs(q, k, v, log_decay, chunk_size, impl)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  if impl == "auto":
+    impl = "pallas" if compat.default_backend() == "gpu" else "chunked"
   if impl == "reference":
     return reference_linear_attention(q, k, v, log_decay, scale=scale)
-  return _chunked(q, k, v, log_decay, chunk_size, scale)
+  if impl == "chunked":
+    return _chunked(q, k, v, log_decay, chunk_size, scale)
+  if block_v < _MIN_BLOCK or block_v & (block_v - 1):
+    raise ValueError(f"block_v={block_v} must be a power of two >= "
+                     f"{_MIN_BLOCK}.")
+  return _pallas_linear_attention(q, k, v, log_decay, chunk_size, scale,
+                                  block_v, interpret=impl == "interpret")
 
 
 def _check_inputs(q, k, v, log_decay, chunk_size, impl):
@@ -169,3 +209,273 @@ def _chunked(q, k, v, log_decay, chunk_size, scale):
   # [num_chunks, b, h, chunk, dv] -> [b, length, h, dv]
   out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(batch, padded, heads, -1)
   return (scale * out[:, :length]).astype(q.dtype)
+
+
+# ------------------------------------------------------------------ Pallas --
+
+_MIN_BLOCK = 16  # Triton's dots need every dimension >= 16.
+_PER_KEY_CHUNK = 16  # [chunk, chunk, key_dim] pairwise decays in registers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  chunk: int
+  scale: float
+  decay: str          # "none", "head" (scalar per head) or "key"
+  interpret: bool
+
+
+def _pad_to(x, axis, size):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _pallas_linear_attention(q, k, v, log_decay, chunk_size, scale, block_v,
+                             interpret):
+  batch, length, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  if log_decay is None:
+    decay = "none"
+  else:
+    decay = "head" if log_decay.ndim == 3 else "key"
+  # Tiles must be powers of two >= 16; the chunk size changes no result.
+  chunk = (_PER_KEY_CHUNK if decay == "key" else max(
+      _MIN_BLOCK, min(pl.next_power_of_2(chunk_size),
+                      pl.next_power_of_2(length))))
+  length_pad = pl.cdiv(length, chunk) * chunk
+  key_pad = max(_MIN_BLOCK, pl.next_power_of_2(key_dim))
+  block_v = min(block_v, max(_MIN_BLOCK, pl.next_power_of_2(value_dim)))
+  value_pad = pl.cdiv(value_dim, block_v) * block_v
+  config = _Config(chunk=chunk, scale=scale, decay=decay, interpret=interpret)
+  # Zero padding: padded steps come after every real one, padded key dims
+  # have q = k = 0, padded value columns are sliced off.
+  q_p = _pad_to(_pad_to(q, 1, length_pad), 3, key_pad)
+  k_p = _pad_to(_pad_to(k, 1, length_pad), 3, key_pad)
+  v_p = _pad_to(_pad_to(v, 1, length_pad), 3, value_pad)
+  w_p = None
+  if log_decay is not None:
+    w_p = _pad_to(log_decay.astype(jnp.float32), 1, length_pad)
+    if decay == "key":
+      w_p = _pad_to(w_p, 3, key_pad)
+  out = _linear_attention(q_p, k_p, v_p, w_p, block_v, config)
+  return out[:, :length, :, :value_dim]
+
+
+def _compiler_params(config: _Config):
+  if config.interpret:
+    return None
+  return compat.triton_compiler_params(num_warps=4, num_stages=2)
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+  """2-D dot contracting a's `contract_a` with b's `contract_b`, f32 result."""
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+class _ChunkDecay:
+  """The decays of one chunk: b_r (inclusive cumsum of w), b_c = sum w."""
+
+  def __init__(self, w_ref, rows, config: _Config):
+    c = config.chunk
+    self.kind = config.decay
+    self.causal = (jnp.arange(c)[:, None] >= jnp.arange(c)[None, :])
+    if self.kind == "none":
+      return
+    w = w_ref[rows, :] if self.kind == "key" else w_ref[rows]
+    b = jax.lax.cumsum(w, axis=0)           # [c, key] or [c]
+    b_last = jnp.sum(w, axis=0)             # [key] or scalar
+    if self.kind == "head":
+      b, b_last = b[:, None], jnp.reshape(b_last, (1,))
+    self.b = b                              # [c, key or 1]
+    self.b_last = b_last                    # [key or 1]
+
+  def pairwise(self):
+    """exp(b_r - b_s) for s <= r, else 0: [c, c] or [c, c, key]."""
+    if self.kind == "none":
+      return self.causal.astype(jnp.float32)
+    if self.kind == "head":
+      diff = self.b[:, 0][:, None] - self.b[:, 0][None, :]
+      return jnp.exp(jnp.where(self.causal, diff, -jnp.inf))
+    diff = self.b[:, None, :] - self.b[None, :, :]
+    return jnp.exp(jnp.where(self.causal[:, :, None], diff, -jnp.inf))
+
+  def to_chunk_start(self, x):
+    """x_r * exp(b_r): rows seen from the state entering the chunk."""
+    return x if self.kind == "none" else x * jnp.exp(self.b)
+
+  def to_chunk_end(self, x):
+    """x_s * exp(b_c - b_s): rows carried to the state leaving the chunk."""
+    return x if self.kind == "none" else x * jnp.exp(self.b_last[None, :]
+                                                     - self.b)
+
+  def decay_state(self, state):
+    """exp(b_c) S (rows of S are key dims)."""
+    return state if self.kind == "none" else jnp.exp(self.b_last)[:, None] * (
+        state)
+
+  def scores(self, q, k, pairwise):
+    """A_rs = sum_d q_rd k_sd exp(b_rd - b_sd), s <= r: [c, c]."""
+    if self.kind == "key":
+      return jnp.sum(q[:, None, :] * k[None, :, :] * pairwise, axis=2)
+    return _dot(q, k, 1, 1) * pairwise
+
+
+def _forward_kernel(*refs, config: _Config):
+  if config.decay == "none":
+    q_ref, k_ref, v_ref, o_ref, states_ref = refs
+    w_ref = None
+  else:
+    q_ref, k_ref, v_ref, w_ref, o_ref, states_ref = refs
+  c = config.chunk
+  f32 = jnp.float32
+
+  def chunk_body(chunk_index, state):   # state: [key, block_v] float32
+    states_ref[chunk_index] = state     # S entering the chunk
+    rows = pl.ds(chunk_index * c, c)
+    q = q_ref[rows, :].astype(f32)
+    k = k_ref[rows, :].astype(f32)
+    v = v_ref[rows, :].astype(f32)
+    decay = _ChunkDecay(w_ref, rows, config)
+    scores = decay.scores(q, k, decay.pairwise())
+    out = _dot(scores, v, 1, 0) + _dot(decay.to_chunk_start(q), state, 1, 0)
+    o_ref[rows, :] = (config.scale * out).astype(o_ref.dtype)
+    return decay.decay_state(state) + _dot(decay.to_chunk_end(k), v, 0, 0)
+
+  num_chunks = states_ref.shape[0]
+  jax.lax.fori_loop(0, num_chunks, chunk_body,
+                    jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), f32))
+
+
+def _specs(length_pad, key_pad, block_v, num_chunks, decay):
+  sq = compat.SQUEEZED
+  specs = dict(
+      qk=pl.BlockSpec((sq, length_pad, sq, key_pad),
+                      lambda b, h, j: (b, 0, h, 0)),
+      v=pl.BlockSpec((sq, length_pad, sq, block_v),
+                     lambda b, h, j: (b, 0, h, j)),
+      states=pl.BlockSpec((sq, sq, num_chunks, key_pad, block_v),
+                          lambda b, h, j: (b, h, 0, 0, j)),
+      # Per value block partial sums of dq and dk.
+      partial=pl.BlockSpec((sq, sq, length_pad, sq, key_pad),
+                           lambda b, h, j: (j, b, 0, h, 0)),
+  )
+  if decay == "head":
+    specs["w"] = [pl.BlockSpec((sq, length_pad, sq), lambda b, h, j: (b, 0, h))]
+  elif decay == "key":
+    specs["w"] = [specs["qk"]]
+  else:
+    specs["w"] = []
+  return specs
+
+
+def _forward_call(q, k, v, w, block_v, config: _Config):
+  batch, length_pad, heads, key_pad = q.shape
+  value_pad = v.shape[-1]
+  num_chunks = length_pad // config.chunk
+  specs = _specs(length_pad, key_pad, block_v, num_chunks, config.decay)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, config=config),
+      grid=(batch, heads, value_pad // block_v),
+      in_specs=[specs["qk"], specs["qk"], specs["v"]] + specs["w"],
+      out_specs=[specs["v"], specs["states"]],
+      out_shape=[
+          jax.ShapeDtypeStruct(v.shape, q.dtype),
+          jax.ShapeDtypeStruct((batch, heads, num_chunks, key_pad, value_pad),
+                               jnp.float32),
+      ],
+      compiler_params=_compiler_params(config),
+      interpret=config.interpret,
+      name="chunked_linear_attention_fwd",
+  )(q, k, v, *([] if w is None else [w]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _linear_attention(q, k, v, w, block_v, config):
+  return _forward_call(q, k, v, w, block_v, config)[0]
+
+
+def _linear_attention_fwd(q, k, v, w, block_v, config):
+  out, states = _forward_call(q, k, v, w, block_v, config)
+  return out, (q, k, v, w, states)
+
+
+def _backward_kernel(*refs, config: _Config):
+  if config.decay == "none":
+    q_ref, k_ref, v_ref, states_ref, do_ref, dq_ref, dk_ref, dv_ref = refs
+    w_ref = None
+  else:
+    (q_ref, k_ref, v_ref, w_ref, states_ref, do_ref, dq_ref, dk_ref,
+     dv_ref) = refs
+  c = config.chunk
+  f32 = jnp.float32
+  num_chunks = states_ref.shape[0]
+
+  def chunk_body(reverse_index, d_state):   # dL/dS leaving the chunk
+    chunk_index = num_chunks - 1 - reverse_index
+    rows = pl.ds(chunk_index * c, c)
+    q = q_ref[rows, :].astype(f32)
+    k = k_ref[rows, :].astype(f32)
+    v = v_ref[rows, :].astype(f32)
+    d_out = config.scale * do_ref[rows, :].astype(f32)
+    state = states_ref[chunk_index]
+    decay = _ChunkDecay(w_ref, rows, config)
+    pairwise = decay.pairwise()
+    p = _dot(d_out, v, 1, 1)                      # P_rs = <do_r, v_s>
+    if config.decay == "key":
+      p = p[:, :, None] * pairwise
+      dq = jnp.sum(p * k[None, :, :], axis=1)
+      dk = jnp.sum(p * q[:, None, :], axis=0)
+    else:
+      p = p * pairwise
+      dq = _dot(p, k, 1, 0)
+      dk = _dot(p, q, 0, 0)
+    dq = dq + decay.to_chunk_start(_dot(d_out, state, 1, 1))
+    dk = dk + decay.to_chunk_end(_dot(v, d_state, 1, 1))
+    dv = (_dot(decay.scores(q, k, pairwise), d_out, 0, 0)
+          + _dot(decay.to_chunk_end(k), d_state, 1, 0))
+    dq_ref[rows, :] = dq
+    dk_ref[rows, :] = dk
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    return (decay.decay_state(d_state)
+            + _dot(decay.to_chunk_start(q), d_out, 0, 0))
+
+  jax.lax.fori_loop(0, num_chunks, chunk_body,
+                    jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), f32))
+
+
+def _linear_attention_bwd(block_v, config: _Config, residuals, d_out):
+  q, k, v, w, states = residuals
+  batch, length_pad, heads, key_pad = q.shape
+  value_pad = v.shape[-1]
+  num_blocks = value_pad // block_v
+  num_chunks = states.shape[2]
+  specs = _specs(length_pad, key_pad, block_v, num_chunks, config.decay)
+  partial = jax.ShapeDtypeStruct((num_blocks,) + q.shape, jnp.float32)
+  dq, dk, dv = pl.pallas_call(
+      functools.partial(_backward_kernel, config=config),
+      grid=(batch, heads, num_blocks),
+      in_specs=([specs["qk"], specs["qk"], specs["v"]] + specs["w"]
+                + [specs["states"], specs["v"]]),
+      out_specs=[specs["partial"], specs["partial"], specs["v"]],
+      out_shape=[partial, partial, jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(config),
+      interpret=config.interpret,
+      name="chunked_linear_attention_bwd",
+  )(q, k, v, *([] if w is None else [w]), states, d_out)
+  dq, dk = dq.sum(0), dk.sum(0)
+  dw = None
+  if w is not None:
+    # dL/dB_t = q_t dq_t - k_t dk_t; d w_t = sum over t' >= t (see docstring).
+    d_cumulative = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
+    if config.decay == "head":
+      d_cumulative = jnp.sum(d_cumulative, axis=-1)
+    dw = jax.lax.cumsum(d_cumulative, axis=1, reverse=True)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv, dw
+
+
+_linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)

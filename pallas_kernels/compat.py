@@ -3,18 +3,21 @@
 The kernels in this package import Pallas only through this module, so that a
 renamed or moved symbol upstream is fixed here once.
 
-| symbol here                 | jax 0.10.2 (Python 3.11)              | jax 0.11.x / 0.12 (Python >= 3.12)       |
-| --------------------------- | ------------------------------------- | ---------------------------------------- |
-| `pl`                        | `jax.experimental.pallas`             | same                                     |
-| `pltpu`                     | `jax.experimental.pallas.tpu`         | same                                     |
-| `pl_triton`                 | `jax.experimental.pallas.triton`      | same, deprecated since 0.11 (may vanish: |
-|                             |                                       | then `None`, and `HAS_TRITON` is False)  |
-| `plgpu` (Mosaic GPU)        | `jax.experimental.pallas.mosaic_gpu`  | same                                     |
-| `triton_compiler_params()`  | `pl_triton.CompilerParams`            | same (`TritonCompilerParams` before 0.7) |
-| `tpu_compiler_params()`     | `pltpu.CompilerParams`                | same (`TPUCompilerParams` before 0.7)    |
-| `mosaic_gpu_compiler_params`| `plgpu.CompilerParams`                | same (`GPUCompilerParams` before 0.7)    |
-| `triton_debug_barrier()`    | `pl_triton.debug_barrier`             | same                                     |
-| `SQUEEZED` (BlockSpec dim)  | `pl.squeezed` (`None` also accepted)  | `pl.squeezed`                            |
+here                       | jax 0.10.2     | jax 0.11 / 0.12   | before 0.7
+-------------------------- | -------------- | ----------------- | --------------------
+pl                         | P              | same              | same
+pltpu                      | P.tpu          | same              | same
+pl_triton                  | P.triton       | deprecated        | P.gpu < 0.6.1
+plgpu                      | P.mosaic_gpu   | same              | same
+triton_compiler_params     | CompilerParams | same              | TritonCompilerParams
+tpu_compiler_params        | CompilerParams | same              | TPUCompilerParams
+mosaic_gpu_compiler_params | CompilerParams | same              | GPUCompilerParams
+triton_debug_barrier       | P.triton       | same              | same
+SQUEEZED                   | P.squeezed     | same              | None
+
+P = `jax.experimental.pallas`; a module this jax lacks is None here, and
+`CompilerParams` is the class in the row's module. Only 0.10.2 was run in
+this package's tests; the other columns come from the upstream changelog.
 
 Facts the table relies on (Pallas changelog): since 0.9.0 Mosaic GPU is the
 default GPU lowering, and the Triton lowering is selected by passing a Triton
@@ -111,8 +114,8 @@ def default_backend() -> str:
 
 
 __all__ = [
-    "JAX_VERSION", "SQUEEZED", "pl", "pltpu", "pl_triton", "plgpu", "HAS_TRITON",
-    "HAS_TPU", "HAS_MOSAIC_GPU", "triton_compiler_params",
+    "JAX_VERSION", "SQUEEZED", "pl", "pltpu", "pl_triton", "plgpu",
+    "HAS_TRITON", "HAS_TPU", "HAS_MOSAIC_GPU", "triton_compiler_params",
     "tpu_compiler_params", "mosaic_gpu_compiler_params",
     "triton_debug_barrier", "default_backend",
 ]

@@ -11,9 +11,9 @@ and a query row whose keys are all masked gets o_i = 0 (and zero gradients),
 as in FlashAttention; a plain softmax would give NaN there.
 
 The Pallas kernel (FlashAttention-2) keeps, per block of queries, the running
-max m_i, the running normaliser l_i = sum_j exp(s_ij - m_i) and the unnormalised
-output acc_i = sum_j exp(s_ij - m_i) v_j while it walks over key blocks; when m_i
-grows, l_i and acc_i are rescaled by exp(m_old - m_new). It works in base 2
+max m_i, the running normaliser l_i = sum_j exp(s_ij - m_i) and the
+unnormalised output acc_i = sum_j exp(s_ij - m_i) v_j while it walks over key
+blocks; when m_i grows, l_i and acc_i are rescaled by exp(m_old - m_new). It works in base 2
 (s * log2(e), exp2), which is exact algebra and cheaper on GPUs. It saves the
 logsumexp L_i = m_i + log l_i, and the backward pass recomputes
 p_ij = exp(s_ij - L_i) block by block:
@@ -23,7 +23,8 @@ p_ij = exp(s_ij - L_i) block by block:
     dq_i = sm_scale sum_j ds_ij k_j  dk_j = sm_scale sum_i ds_ij q_i
 
 in two kernels, one over query blocks (dq) and one over key blocks (dk, dv,
-summed over the query heads sharing a key/value head).
+summed over the query heads sharing a key/value head). Every kernel skips the
+tiles causality hides and builds masks only for tiles that need one.
 
 Lengths that are not block multiples are padded with zeros internally and the
 padded keys masked; head_dim is padded to a power of two (at least 16), which
@@ -32,10 +33,11 @@ Triton's tensor shapes need and which leaves q.k and the output unchanged.
 Lowering: `impl="interpret"` runs the kernels through Pallas interpret mode on
 any backend (what the CPU test suite checks). `impl="pallas"` lowers the same
 kernels through the Triton backend on GPU (compiler params from `compat`); the
-Triton lowering is written to its rules (power-of-two blocks, 2-D dots of at
-least 16x16, loops with dynamic bounds) but was NOT run on GPU hardware in the
-session that wrote it. There is no Mosaic TPU kernel yet: on TPU, "auto" uses
-the XLA baseline and "pallas" raises.
+kernels follow its rules (power-of-two tiles, 2-D dots of at least 16x16,
+loops with dynamic bounds) and lower to Triton IR (checked on CPU through
+`jax.export(platforms=["cuda"])`), but were NOT compiled or run on GPU
+hardware in the session that wrote them. There is no Mosaic TPU kernel yet:
+on TPU, "auto" uses the XLA baseline.
 """
 from __future__ import annotations
 
@@ -62,10 +64,11 @@ _MIN_BLOCK = 16  # Triton's tensor-core dots need every dimension >= 16.
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two, >= 16) for the forward and backward kernels.
+  """Tile sizes (powers of two, >= 16) and Triton launch settings.
 
-  Each is clamped to the (power-of-two rounded) sequence length, so short
-  sequences do not pay for a large tile.
+  Each tile is clamped to the (power-of-two rounded) sequence length, so
+  short sequences do not pay for a large tile. num_warps None picks 4 for
+  head_dim <= 64, else 8. The defaults are untuned guesses (no GPU yet).
   """
   block_q: int = 128
   block_kv: int = 64
@@ -73,9 +76,13 @@ class BlockSizes:
   block_kv_dq: int = 64
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
+      if not field.name.startswith("block_"):
+        continue
       size = getattr(self, field.name)
       if size < _MIN_BLOCK or size & (size - 1):
         raise ValueError(
@@ -96,6 +103,8 @@ class _Config:
   block_kv_dq: int
   block_q_dkv: int
   block_kv_dkv: int
+  num_warps: int | None
+  num_stages: int
   interpret: bool
 
 
@@ -115,10 +124,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     segment_ids: None or (q_segment_ids [batch, q_len], kv_segment_ids
       [batch, kv_len]), integers; a query sees only keys of its segment.
     sm_scale: logit scale, default head_dim ** -0.5.
-    impl: "auto" (Pallas on GPU, XLA on TPU, reference on CPU), "pallas",
-      "interpret" (the Pallas kernels in interpret mode), "reference" (pure
-      jnp), "xla" or "cudnn" (`jax.nn.dot_product_attention`). The two
-      baselines give fully masked query rows the mean of v instead of 0.
+    impl: "auto" (Pallas on GPU, XLA on TPU, reference on CPU), "pallas"
+      (Triton, GPU), "interpret" (the Pallas kernels in interpret mode),
+      "reference" (pure jnp), "xla" or "cudnn"
+      (`jax.nn.dot_product_attention`). The two baselines give fully masked
+      query rows the mean of v instead of 0.
     block_sizes: kernel tiles for "pallas" / "interpret".
 
   Returns:
@@ -279,6 +289,7 @@ def _pallas_attention(q, k, v, causal, segment_ids, sm_scale, blocks,
                    kv_len=kv_len, block_q=block_q, block_kv=block_kv,
                    block_q_dq=block_q_dq, block_kv_dq=block_kv_dq,
                    block_q_dkv=block_q_dkv, block_kv_dkv=block_kv_dkv,
+                   num_warps=blocks.num_warps, num_stages=blocks.num_stages,
                    interpret=interpret)
   q_p = _pad_axis(_pad_axis(q, 1, q_pad), 3, dim_pad)
   k_p = _pad_axis(_pad_axis(k, 1, kv_pad), 3, dim_pad)
@@ -320,8 +331,9 @@ _flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
 def _compiler_params(config: _Config, head_dim: int):
   if config.interpret:
     return None
-  return compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8,
-                                       num_stages=2)
+  num_warps = config.num_warps or (4 if head_dim <= 64 else 8)
+  return compat.triton_compiler_params(num_warps=num_warps,
+                                       num_stages=config.num_stages)
 
 
 def _block_mask(config: _Config, q_start, kv_start, block_q: int,
@@ -343,10 +355,6 @@ def _block_mask(config: _Config, q_start, kv_start, block_q: int,
   return mask
 
 
-def _needs_kv_pad_mask(config: _Config, kv_pad: int) -> bool:
-  return kv_pad != config.kv_len
-
-
 def _dot_nt(a, b):
   """a @ b.T with a float32 accumulator ([m, k] x [n, k] -> [m, n])."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
@@ -365,11 +373,52 @@ def _dot_tn(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def _causal_kv_end(config: _Config, q_start, block_q: int, block_kv: int,
-                   num_kv_blocks: int):
-  """Number of kv tiles a causal query tile starting at q_start can see."""
-  last_key = q_start + block_q - 1 + (config.kv_len - config.q_len)
-  return jnp.clip((last_key + block_kv) // block_kv, 0, num_kv_blocks)
+def _kv_tile_ranges(config: _Config, q_start, block_q: int, block_kv: int,
+                    num_kv_blocks: int, has_segments: bool):
+  """(unmasked_end, end): a query tile's kv tiles [0, end) with any visible
+  key, of which [0, unmasked_end) need no mask at all.
+
+  A tile needs no mask when it holds no padded key, no segment ids apply and,
+  if causal, the tile's first query already sees its last key.
+  """
+  offset = config.kv_len - config.q_len
+  end = num_kv_blocks
+  unmasked_end = 0 if has_segments else config.kv_len // block_kv
+  if config.causal:
+    last_key = q_start + block_q - 1 + offset
+    end = jnp.clip((last_key + block_kv) // block_kv, 0, num_kv_blocks)
+    first_query_keys = q_start + offset + 1   # keys the first query sees
+    unmasked_end = jnp.minimum(
+        unmasked_end, jnp.maximum(first_query_keys, 0) // block_kv)
+  return jnp.minimum(unmasked_end, end), end
+
+
+def _q_tile_ranges(config: _Config, kv_start, block_q: int, block_kv: int,
+                   num_q_blocks: int, has_segments: bool):
+  """(begin, unmasked_begin): a kv tile's query tiles [begin, num_q_blocks)
+  that see any of its keys, of which [unmasked_begin, num_q_blocks) need no
+  mask (the transpose of `_kv_tile_ranges`).
+  """
+  offset = config.kv_len - config.q_len
+  if has_segments:
+    unmasked_begin = num_q_blocks
+  elif config.causal:
+    # Padded keys come last, so a tile whose first query sees the tile's last
+    # key holds only padded queries when that key is padding: harmless.
+    last_key = kv_start + block_kv - 1
+    unmasked_begin = jnp.clip((last_key - offset + block_q - 1) // block_q,
+                              0, num_q_blocks)
+  else:
+    # All masked if the tile holds padded keys (integer arithmetic: Triton
+    # cannot select between scalars with a traced bool here).
+    has_padding = jnp.clip(kv_start + block_kv - config.kv_len, 0, 1)
+    unmasked_begin = has_padding * num_q_blocks
+  if config.causal:
+    # Query i sees key kv_start only if i >= kv_start - offset.
+    begin = jnp.clip((kv_start - offset) // block_q, 0, num_q_blocks)
+  else:
+    begin = 0
+  return begin, jnp.maximum(unmasked_begin, begin)
 
 
 def _forward_kernel(*refs, config: _Config, has_segments: bool):
@@ -386,10 +435,8 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
   q = q_ref[...]
   # Logits in base 2: exp2(s * log2 e) == exp(s).
   scale = config.sm_scale * _LOG2E
-  masked = (config.causal or has_segments
-            or _needs_kv_pad_mask(config, kv_pad))
 
-  def body(kv_block, carry):
+  def body(kv_block, carry, masked: bool):
     acc, row_max, row_sum = carry
     kv_start = kv_block * block_kv
     k = k_ref[pl.ds(kv_start, block_kv), :]
@@ -413,12 +460,16 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
     acc = rescale[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
     return acc, new_max, row_sum
 
-  kv_end = (_causal_kv_end(config, q_start, block_q, block_kv, num_kv_blocks)
-            if config.causal else num_kv_blocks)
-  init = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
-          jnp.full((block_q,), _MASK_VALUE, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
-  acc, row_max, row_sum = jax.lax.fori_loop(0, kv_end, body, init)
+  unmasked_end, kv_end = _kv_tile_ranges(config, q_start, block_q, block_kv,
+                                         num_kv_blocks, has_segments)
+  carry = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
+           jnp.full((block_q,), _MASK_VALUE, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  # Two loops so that the common tiles skip building and applying masks.
+  carry = jax.lax.fori_loop(0, unmasked_end,
+                            functools.partial(body, masked=False), carry)
+  acc, row_max, row_sum = jax.lax.fori_loop(
+      unmasked_end, kv_end, functools.partial(body, masked=True), carry)
   row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
   o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
   lse_ref[...] = row_max + jnp.log2(row_sum)  # base-2 logsumexp
@@ -487,10 +538,8 @@ def _dq_kernel(*refs, config: _Config, has_segments: bool):
   lse = lse_ref[...]
   delta = delta_ref[...]
   scale = config.sm_scale * _LOG2E
-  masked = (config.causal or has_segments
-            or _needs_kv_pad_mask(config, kv_pad))
 
-  def body(kv_block, dq):
+  def body(kv_block, dq, masked: bool):
     kv_start = kv_block * block_kv
     k = k_ref[pl.ds(kv_start, block_kv), :]
     v = v_ref[pl.ds(kv_start, block_kv), :]
@@ -505,10 +554,13 @@ def _dq_kernel(*refs, config: _Config, has_segments: bool):
     ds = p * (dp - delta[:, None])
     return dq + _dot_nn(ds.astype(k.dtype), k)
 
-  kv_end = (_causal_kv_end(config, q_start, block_q, block_kv, num_kv_blocks)
-            if config.causal else num_kv_blocks)
-  dq = jax.lax.fori_loop(0, kv_end, body,
-                         jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+  unmasked_end, kv_end = _kv_tile_ranges(config, q_start, block_q, block_kv,
+                                         num_kv_blocks, has_segments)
+  dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+  dq = jax.lax.fori_loop(0, unmasked_end,
+                         functools.partial(body, masked=False), dq)
+  dq = jax.lax.fori_loop(unmasked_end, kv_end,
+                         functools.partial(body, masked=True), dq)
   dq_ref[...] = (dq * config.sm_scale).astype(dq_ref.dtype)
 
 
@@ -554,17 +606,12 @@ def _dkv_kernel(*refs, config: _Config, has_segments: bool, group: int):
   k = k_ref[...]
   v = v_ref[...]
   scale = config.sm_scale * _LOG2E
-  masked = (config.causal or has_segments
-            or _needs_kv_pad_mask(config, k_ref.shape[0]))
-  if config.causal:
-    # Queries i see key kv_start only if i >= kv_start - (kv_len - q_len).
-    first_query = kv_start - (config.kv_len - config.q_len)
-    q_begin = jnp.clip(first_query // block_q, 0, num_q_blocks)
-  else:
-    q_begin = 0
+  q_begin, unmasked_begin = _q_tile_ranges(config, kv_start, block_q,
+                                           block_kv, num_q_blocks,
+                                           has_segments)
 
   def head_body(head_in_group, carry):
-    def q_body(q_block, carry):
+    def q_body(q_block, carry, masked: bool):
       dk, dv = carry
       q_start = q_block * block_q
       rows = pl.ds(q_start, block_q)
@@ -583,7 +630,10 @@ def _dkv_kernel(*refs, config: _Config, has_segments: bool, group: int):
       dk = dk + _dot_tn(ds.astype(q.dtype), q)
       return dk, dv
 
-    return jax.lax.fori_loop(q_begin, num_q_blocks, q_body, carry)
+    carry = jax.lax.fori_loop(q_begin, unmasked_begin,
+                              functools.partial(q_body, masked=True), carry)
+    return jax.lax.fori_loop(unmasked_begin, num_q_blocks,
+                             functools.partial(q_body, masked=False), carry)
 
   zeros = jnp.zeros((block_kv, k.shape[-1]), jnp.float32)
   dk, dv = jax.lax.fori_loop(0, group, head_body, (zeros, zeros))

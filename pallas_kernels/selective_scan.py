@@ -31,8 +31,9 @@ suite); `impl="pallas"` lowers them through Triton on GPU: loops are plain
 fori_loops over refs (what Triton's `scan` support allows), every loaded
 tensor is a power of two (N and the channel block are padded), and a
 `debug_barrier` separates the workspace writes from the reads. The GPU path
-was NOT run on hardware in the session that wrote it. On TPU "auto" uses the
-reference and "pallas" raises.
+lowers to Triton IR (checked on CPU through `jax.export(platforms=["cuda"])`)
+but was NOT compiled or run on GPU hardware in the session that wrote it. On
+TPU "auto" uses the reference.
 """
 from __future__ import annotations
 
@@ -50,9 +51,17 @@ IMPLS = ("auto", "pallas", "interpret", "reference")
 
 @dataclasses.dataclass(frozen=True)
 class ScanBlocks:
-  """Kernel tiling: channels per program (power of two) and steps per chunk."""
+  """Kernel tiling and Triton launch settings (untuned guesses, no GPU yet).
+
+  block_d: channels per program (a power of two); chunk: time steps between
+  saved states (the backward pass recomputes one chunk at a time). Software
+  pipelining (num_stages > 1) lets Triton prefetch the next step's inputs,
+  which do not depend on the state.
+  """
   block_d: int = 32
   chunk: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
 
   def __post_init__(self):
     if self.block_d < 1 or self.block_d & (self.block_d - 1):
@@ -66,6 +75,8 @@ class _Config:
   length: int
   chunk: int
   block_d: int
+  num_warps: int
+  num_stages: int
   delta_softplus: bool
   has_z: bool
   interpret: bool
@@ -155,7 +166,7 @@ def _softplus(x):
 
 
 def _discretize(u, delta, A, B, C, D, delta_bias, delta_softplus):
-  """Float32 dt [b, l, d], dA [b, l, d, n], dt*u*B [b, l, d, n], C per channel."""
+  """Float32 dA = exp(dt A), dt u B ([b, l, d, n] each), C per channel."""
   f32 = jnp.float32
   channels = u.shape[-1]
   groups = B.shape[2]
@@ -238,7 +249,9 @@ def _pallas_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups,
   per_group_pad = pl.cdiv(per_group, block_d) * block_d
   state_pad = pl.next_power_of_2(state)
   config = _Config(length=length, chunk=min(blocks.chunk, length),
-                   block_d=block_d, delta_softplus=bool(delta_softplus),
+                   block_d=block_d, num_warps=blocks.num_warps,
+                   num_stages=blocks.num_stages,
+                   delta_softplus=bool(delta_softplus),
                    has_z=z is not None, interpret=interpret)
 
   # Channels as [groups, per_group], per_group padded to the block; padded
@@ -257,9 +270,10 @@ def _pallas_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups,
   D_g = per_channel(jnp.zeros((channels,), f32) if D is None else D)
   bias_g = per_channel(jnp.zeros((channels,), f32) if delta_bias is None
                        else delta_bias)
-  y, last = _scan(channels_4d(u), channels_4d(delta), A_g, _pad_last(B, state_pad),
-                  _pad_last(C, state_pad), D_g, None if z is None
-                  else channels_4d(z), bias_g, config)
+  z_g = None if z is None else channels_4d(z)
+  y, last = _scan(channels_4d(u), channels_4d(delta), A_g,
+                  _pad_last(B, state_pad), _pad_last(C, state_pad), D_g, z_g,
+                  bias_g, config)
   y = y[..., :per_group].reshape(batch, length, channels)
   last = last[:, :, :per_group, :state].reshape(batch, channels, state)
   return y, last
@@ -268,7 +282,8 @@ def _pallas_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups,
 def _compiler_params(config: _Config):
   if config.interpret:
     return None
-  return compat.triton_compiler_params(num_warps=4, num_stages=1)
+  return compat.triton_compiler_params(num_warps=config.num_warps,
+                                       num_stages=config.num_stages)
 
 
 class _Step:
@@ -319,8 +334,8 @@ def _forward_kernel(*refs, config: _Config):
       h = step.advance(h)
       y = step.readout(h)
       if z_ref is not None:
-        y = y * jax.nn.sigmoid(z_ref[t, :].astype(jnp.float32)) * z_ref[
-            t, :].astype(jnp.float32)
+        z = z_ref[t, :].astype(jnp.float32)
+        y = y * z * jax.nn.sigmoid(z)   # silu(z) gate
       y_ref[t, :] = y.astype(y_ref.dtype)
       return h
 
@@ -495,9 +510,10 @@ def _scan_bwd_rule(config: _Config, residuals, cotangents):
   has_z = config.has_z
   operands = [u, delta, A, B, C, D, bias] + ([z] if has_z else []) + [
       ckpt, dy, dlast.astype(f32)]
-  in_specs = [specs["seq"], specs["seq"], specs["A"], specs["bc"], specs["bc"],
-              specs["vec"], specs["vec"]] + ([specs["seq"]] if has_z else []) + [
-                  specs["ckpt"], specs["seq"], specs["state"]]
+  in_specs = ([specs["seq"], specs["seq"], specs["A"], specs["bc"],
+               specs["bc"], specs["vec"], specs["vec"]]
+              + ([specs["seq"]] if has_z else [])
+              + [specs["ckpt"], specs["seq"], specs["state"]])
   seq_shape = jax.ShapeDtypeStruct(u.shape, u.dtype)
   partial_bc = jax.ShapeDtypeStruct(
       (batch, length, groups, num_blocks, state_pad), f32)

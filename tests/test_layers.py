@@ -262,7 +262,8 @@ def test_every_param_has_logical_names_from_the_vocabulary(name, overrides):
   _, state = nnx.split(nnx.eval_shape(lambda: _build(name, **overrides)))
   specs = nnx.get_partition_spec(state)
   params = nnx.filter_state(state, nnx.Param)
-  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Param))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Param))
   assert leaves
   for path, param in leaves:
     names = param.get_metadata().get("out_sharding")
@@ -270,7 +271,8 @@ def test_every_param_has_logical_names_from_the_vocabulary(name, overrides):
     assert len(names) == param.ndim, (path, names, param.shape)
     assert set(names) <= set(LOGICAL_AXIS_NAMES), (path, names)
   spec_leaves = jax.tree_util.tree_leaves(
-      nnx.filter_state(specs, nnx.Param), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+      nnx.filter_state(specs, nnx.Param),
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   assert len(spec_leaves) == len(leaves)
   for spec in spec_leaves:
     assert set(spec) <= set(LOGICAL_AXIS_NAMES)

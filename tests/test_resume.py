@@ -15,9 +15,9 @@ from experiments.configs import quickstart
 from paperzoo import metric_writers
 from tests.conftest import REPO_ROOT
 
-NUM_STEPS = 600
-OVERRIDES = {"num_steps": NUM_STEPS, "batch_size": 16, "eval_every_steps": 150,
-             "checkpoint_every_steps": 25, "log_every_steps": 5, "plots": False}
+NUM_STEPS = 300
+OVERRIDES = {"num_steps": NUM_STEPS, "batch_size": 16, "eval_every_steps": 100,
+             "checkpoint_every_steps": 20, "log_every_steps": 5, "plots": False}
 
 
 def config():

@@ -9,9 +9,12 @@ through `paperzoo.train_and_evaluate`, and prints:
     steps/s, and the whole run's wall time (from the call to results, compilation included);
   * the fraction of this machine's floor: the train step's FLOPs (XLA's cost analysis of the
     forward pass x 3 for forward + backward) over the float32 matmul throughput measured here;
-  * the ratio to the reference PyTorch implementation (Time-Series-Library, torch 2.13 CPU),
-    whose times were measured on this same 2-core machine type and are recorded in
-    ../shared/design/FORECASTING_PROTOCOL.md (torch is not a dependency of paperzoo);
+  * the ratio to a PyTorch baseline timed in this same run (`torch_reference.py`: the same
+    model, sizes, data order and optimizer in PyTorch; needs `pip install torch`, which is not
+    a paperzoo dependency): one training epoch, and one validation + test pass, from which the
+    reference protocol's whole run (validation and test after every epoch) is estimated;
+  * the ratio to the reference times recorded in ../shared/design/FORECASTING_PROTOCOL.md
+    (Time-Series-Library, torch 2.13, measured on another machine of this type);
   * the test MSE, so a speed-up is never bought with accuracy.
 """
 
@@ -30,7 +33,9 @@ from absl import logging
 from flax import nnx
 
 import paperzoo
+from experiments.benchmarks import torch_reference
 from experiments.configs import dlinear, itransformer
+from paperzoo import trainer
 from paperzoo.registry import MODELS, TASKS
 
 _MODELS = flags.DEFINE_list("models", ["itransformer", "dlinear"], "Models to time.")
@@ -38,9 +43,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 1, "Full runs per model (the median i
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 CONFIGS = {"itransformer": itransformer, "dlinear": dlinear}
-# Time-Series-Library on this machine type (FORECASTING_PROTOCOL.md): seconds per training
-# epoch, and the whole 10-epoch run with validation and test after every epoch.
-REFERENCE = {"itransformer": {"epoch_seconds": 6.3, "run_seconds": 80.0, "test_mse": 0.3863},
+# Time-Series-Library as recorded in FORECASTING_PROTOCOL.md: seconds per training epoch, and
+# the whole 10-epoch run with validation and test after every epoch.
+RECORDED_REFERENCE = {"itransformer": {"epoch_seconds": 6.3, "run_seconds": 80.0, "test_mse": 0.3863},
              "dlinear": {"epoch_seconds": 0.48, "run_seconds": None, "test_mse": 0.3962}}
 
 
@@ -70,6 +75,20 @@ def train_step_gflop(config) -> float:
   return 3 * float(cost["flops"]) / 1e9
 
 
+def torch_baseline(name: str) -> dict | None:
+  """PyTorch times for the same config, or None when torch is not installed."""
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return None
+  config = CONFIGS[name].get_config("data=etth1,pred_len=96")
+  task = TASKS.get(config.task.name)(config)
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(task.splits["train"]) // batch_size
+  order = trainer.DataOrder(config.seed, len(task.splits["train"]), batch_size, steps_per_epoch)
+  return torch_reference.epoch_seconds(name, config, task, order)
+
+
 def run_once(name: str) -> dict:
   config = CONFIGS[name].get_config("data=etth1,pred_len=96")
   config.train.progress_bar = False
@@ -96,7 +115,8 @@ def main(argv):
     step_gflop = train_step_gflop(CONFIGS[name].get_config("data=etth1,pred_len=96"))
     epoch_gflop = step_gflop * run["steps_per_epoch"]
     floor = epoch_gflop / gflops
-    ref = REFERENCE[name]
+    ref = RECORDED_REFERENCE[name]
+    torch_times = torch_baseline(name)
     row = {
         "model": name, "epoch_seconds": run["epoch_seconds"],
         "steps_per_second": run["steps_per_epoch"] / run["epoch_seconds"],
@@ -108,6 +128,7 @@ def main(argv):
         "run_speedup_vs_reference": (ref["run_seconds"] / run["run_seconds"]
                                      if ref["run_seconds"] else None),
         "test_mse": run["test"]["mse"], "reference_test_mse": ref["test_mse"],
+        "torch": torch_times,
         "all_epoch_seconds": [r["epoch_seconds"] for r in runs],
     }
     rows.append(row)
@@ -116,7 +137,18 @@ def main(argv):
           f"(compile {row['compile_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s)")
     print(f"  floor: {epoch_gflop:.0f} GFLOP/epoch / {gflops:.0f} GFLOP/s = {floor:.2f} s; "
           f"achieved {100 * row['fraction_of_floor']:.0f}% of it")
-    print(f"  reference (TSLib, torch CPU): {ref['epoch_seconds']} s/epoch -> "
+    if torch_times:
+      torch_run = row["epochs"] * (torch_times["train_epoch"] + torch_times["val_and_test"])
+      row["epoch_speedup_vs_torch"] = torch_times["train_epoch"] / run["epoch_seconds"]
+      row["run_speedup_vs_torch"] = torch_run / run["run_seconds"]
+      print(f"  PyTorch {torch_times['version']} baseline, this run ({torch_times['threads']} "
+            f"threads): {torch_times['train_epoch']:.2f} s/epoch -> "
+            f"{row['epoch_speedup_vs_torch']:.2f}x faster per epoch; its protocol's whole run "
+            f"(val + test every epoch, {row['epochs']:.0f} epochs) ~{torch_run:.0f} s -> "
+            f"{row['run_speedup_vs_torch']:.2f}x faster")
+    else:
+      print("  PyTorch baseline skipped: torch is not installed (pip install torch)")
+    print(f"  recorded reference (TSLib, other machine): {ref['epoch_seconds']} s/epoch -> "
           f"{row['epoch_speedup_vs_reference']:.2f}x faster per epoch"
           + (f"; whole run {ref['run_seconds']:.0f} s -> "
              f"{row['run_speedup_vs_reference']:.2f}x faster" if ref["run_seconds"] else ""))

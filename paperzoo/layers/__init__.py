@@ -16,9 +16,10 @@ from this vocabulary (`LOGICAL_AXIS_NAMES`); the trainer maps them to mesh axes 
   * "vocab"    -- a token vocabulary;
   * None       -- replicated.
 
-Because weights are created with sharding annotations, build models under
-`nnx.use_eager_sharding(False)` (or inside a mesh whose rules cover these names): with eager
-sharding on and no mesh, flax refuses to create an annotated variable.
+These are logical names, not mesh axis names, so models are built with flax's eager sharding
+off: `import paperzoo` turns it off (`nnx.use_eager_sharding(False)`), and the trainer resolves
+the names through its rules (`paperzoo.sharding`). With eager sharding on and no mesh, flax
+refuses to create an annotated variable.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""chunked_linear_attention: the chunked form against the sequential reference.
+"""chunked_linear_attention: the Pallas kernel (interpret mode) and the jnp
+chunked form against the sequential reference.
 
 Tolerances, relative to the largest magnitude of the reference array:
 float32 outputs 1e-5, gradients 1e-4; bfloat16 inputs outputs 2e-2,
@@ -57,21 +58,21 @@ def test_reference_is_the_recurrence(fast_jit, decay):
 
 # (batch, length, heads, key_dim, value_dim), decay, chunk_size
 CASES = [
-    ((2, 37, 3, 8, 5), None, 8),       # length not a chunk multiple
-    ((1, 40, 2, 4, 6), "head", 8),     # scalar decay per head
+    ((2, 37, 3, 8, 5), None, 16),      # length not a chunk multiple
+    ((1, 40, 2, 4, 20), "head", 16),   # scalar decay, two value blocks
     ((2, 29, 2, 8, 4), "key", 16),     # decay per key dimension
     ((1, 1, 2, 4, 4), "key", 64),      # length 1, chunk longer than it
 ]
 
 
-def _check(fast_jit, close, case, dtype):
+def _check(fast_jit, close, case, dtype, impl):
   shape, decay, chunk_size = case
   q, k, v, log_decay = make_inputs(*shape, decay, dtype=dtype)
 
   def value_and_grads(impl):
     def loss(q, k, v, w):
       out = chunked_linear_attention(q, k, v, w, chunk_size=chunk_size,
-                                     impl=impl)
+                                     impl=impl, block_v=16)
       weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(
           out.shape)
       return jnp.sum(out.astype(jnp.float32) * weights), out
@@ -80,7 +81,7 @@ def _check(fast_jit, close, case, dtype):
 
   def both(q, k, v, w):
     return [value_and_grads(impl)(q, k, v, w)
-            for impl in ("chunked", "reference")]
+            for impl in (impl, "reference")]
 
   ((_, out), grads), ((_, ref_out), ref_grads) = fast_jit(both)(
       q, k, v, log_decay)
@@ -92,25 +93,48 @@ def _check(fast_jit, close, case, dtype):
     close(grad, ref_grad, atol=grad_tol, name=f"d{name}")
 
 
+@pytest.mark.parametrize("impl", ["interpret", "chunked"])
 @pytest.mark.parametrize("case", CASES)
-def test_chunked_matches_reference_f32(fast_jit, close, case):
-  _check(fast_jit, close, case, jnp.float32)
+def test_matches_reference_f32(fast_jit, close, case, impl):
+  _check(fast_jit, close, case, jnp.float32, impl)
 
 
-def test_chunked_matches_reference_bf16(fast_jit, close):
-  _check(fast_jit, close, CASES[2], jnp.bfloat16)
+@pytest.mark.parametrize("impl", ["interpret", "chunked"])
+def test_matches_reference_bf16(fast_jit, close, impl):
+  _check(fast_jit, close, CASES[2], jnp.bfloat16, impl)
 
 
-def test_strong_decay_stays_finite(fast_jit):
+@pytest.mark.parametrize("impl", ["interpret", "chunked"])
+def test_strong_decay_stays_finite(fast_jit, impl):
   # Cumulative decay far beyond float32's exp range within one chunk.
   q, k, v, _ = make_inputs(1, 64, 1, 4, 4, None)
   log_decay = jnp.asarray(np.full((1, 64, 1, 4), -30.0, np.float32))
   out = fast_jit(lambda q, k, v, w: chunked_linear_attention(
-      q, k, v, w, chunk_size=64))(q, k, v, log_decay)
+      q, k, v, w, chunk_size=64, impl=impl))(q, k, v, log_decay)
   # With decay exp(-30) the state is (almost exactly) the last k^T v.
   q, k, v = (np.asarray(x) for x in (q, k, v))
   want = 0.5 * np.einsum("blhk,blhk,blhv->blhv", q, k, v)
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("decay", [None, "head", "key"])
+def test_gpu_kernel_matches_reference(close, decay):
+  q, k, v, log_decay = make_inputs(2, 300, 4, 64, 64, decay)
+
+  def value_and_grads(impl):
+    def loss(q, k, v, w):
+      out = chunked_linear_attention(q, k, v, w, impl=impl)
+      return jnp.sum(jnp.sin(out)), out
+    argnums = (0, 1, 2) if decay is None else (0, 1, 2, 3)
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(
+        q, k, v, log_decay)
+
+  ((_, out), grads), ((_, ref_out), ref_grads) = (
+      value_and_grads("pallas"), value_and_grads("reference"))
+  close(out, ref_out, atol=1e-4, name="out")
+  for grad, ref_grad in zip(grads, ref_grads):
+    close(grad, ref_grad, atol=1e-3, name="grad")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -119,7 +143,8 @@ def test_strong_decay_stays_finite(fast_jit):
     (dict(v=jnp.zeros((1, 5, 2, 4))), "v must be"),
     (dict(log_decay=jnp.zeros((1, 4))), "log_decay must be"),
     (dict(chunk_size=0), "chunk_size"),
-    (dict(impl="pallas"), "valid: auto, chunked, reference"),
+    (dict(impl="triton"), "valid: auto, pallas, interpret, chunked, "),
+    (dict(impl="interpret", block_v=24), "power of two"),
 ])
 def test_bad_inputs_raise(change, message):
   args = dict(q=jnp.zeros((1, 4, 2, 4)), k=jnp.zeros((1, 4, 2, 4)),

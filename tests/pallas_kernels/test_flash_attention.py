@@ -2,7 +2,8 @@
 
 Tolerances, relative to the largest magnitude of the reference array:
 float32 forward 2e-5, gradients 1e-4; bfloat16 (same bf16 inputs, reference
-in float32) forward 2e-2, gradients 5e-2.
+in float32) forward 2e-2, gradients 5e-2; float16 forward 2e-3, gradients
+1e-2.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pallas_kernels.flash_attention import BlockSizes, reference_attention
 
 # Small tiles keep the interpreter fast and give several tiles per sequence.
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
-TOL = {jnp.float32: (2e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
+TOL = {jnp.float32: (2e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2),
+       jnp.float16: (2e-3, 1e-2)}
 
 
 def make_inputs(batch, q_len, kv_len, heads, kv_heads, head_dim, segments,
@@ -83,8 +85,10 @@ def test_reference_is_softmax_attention(fast_jit, causal, segments, shape):
 # (batch, q_len, kv_len, heads, kv_heads, head_dim), causal, segments, sm_scale
 CASES = [
     ((2, 37, 37, 2, 2, 24), False, False, 0.3),  # MHA, not block multiples
+    ((1, 40, 40, 2, 2, 16), True, False, None),  # causal self-attention
     ((1, 37, 53, 4, 2, 32), True, False, None),  # GQA, q_len < kv_len
-    ((1, 50, 21, 2, 1, 16), True, True, None),   # MQA, q_len > kv_len, empty rows
+    # MQA, q_len > kv_len (rows without keys)
+    ((1, 50, 21, 2, 1, 16), True, False, None),
     ((2, 3, 40, 3, 1, 8), True, True, None),     # very short queries
     ((2, 1, 2, 2, 2, 72), True, False, None),    # length 1, head_dim -> 128
     ((2, 33, 30, 4, 2, 16), False, True, None),  # segments, GQA, not causal
@@ -128,10 +132,14 @@ def test_interpret_matches_reference_f32(fast_jit, close, shape, causal,
                            jnp.float32, sm_scale)
 
 
-def test_interpret_matches_reference_bf16(fast_jit, close):
-  shape, causal, segments, sm_scale = CASES[2]
-  _check_against_reference(fast_jit, close, shape, causal, segments,
-                           jnp.bfloat16, sm_scale)
+@pytest.mark.parametrize("case,dtype", [(1, jnp.bfloat16),
+                                        (3, jnp.bfloat16),
+                                        (4, jnp.float16)])
+def test_interpret_matches_reference_low_precision(fast_jit, close, case,
+                                                   dtype):
+  shape, causal, segments, sm_scale = CASES[case]
+  _check_against_reference(fast_jit, close, shape, causal, segments, dtype,
+                           sm_scale)
 
 
 def test_fully_masked_rows_are_zero(fast_jit):

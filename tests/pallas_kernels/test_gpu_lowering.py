@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from pallas_kernels import flash_attention, selective_scan
+from pallas_kernels import (chunked_linear_attention, flash_attention,
+                            selective_scan)
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -70,4 +71,21 @@ def test_selective_scan_forward_and_backward_lower(groups, state, with_z,
 
   module = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), u, u, A,
                           bc, bc)
+  assert module.count(_TRITON_CALL) == 2   # forward, backward
+
+
+@pytest.mark.parametrize("decay", [None, "head", "key"])
+def test_linear_attention_forward_and_backward_lower(decay):
+  q = jnp.zeros((2, 100, 3, 64), jnp.bfloat16)
+  v = jnp.zeros((2, 100, 3, 96), jnp.bfloat16)
+  log_decay = None if decay is None else jnp.zeros(
+      (2, 100, 3) if decay == "head" else (2, 100, 3, 64))
+
+  def loss(q, k, v, log_decay):
+    out = chunked_linear_attention(q, k, v, log_decay, impl="pallas")
+    return jnp.sum(out.astype(jnp.float32))
+
+  argnums = (0, 1, 2) if decay is None else (0, 1, 2, 3)
+  module = lower_for_cuda(jax.grad(loss, argnums=argnums), q, q, v,
+                          log_decay)
   assert module.count(_TRITON_CALL) == 2   # forward, backward

@@ -97,7 +97,8 @@ def test_references_are_the_recurrence(fast_jit, groups, with_z, softplus):
 CASES = [
     # state not a power of 2, several chunks and channel blocks
     ((2, 19, 12, 5, None), True, True, True, True, SMALL),
-    ((1, 21, 12, 4, 3), False, False, False, False, SMALL),  # groups, bare
+    # groups with two channel blocks each, no optional inputs
+    ((1, 21, 16, 4, 2), False, False, False, False, SMALL),
     ((2, 1, 6, 3, 2), True, True, True, True, SMALL),        # length 1
     # 5 channels per group padded to a block of 8; one chunk (default tiles)
     ((1, 3, 10, 4, 2), True, False, True, False, ScanBlocks()),
@@ -154,6 +155,19 @@ def test_last_state_only_when_asked(fast_jit):
   y = fast_jit(lambda x: selective_scan(**x, impl="interpret",
                                         blocks=SMALL))(inputs)
   assert isinstance(y, jax.Array) and y.shape == (1, 4, 4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_kernel_matches_reference(close):
+  inputs = make_inputs(2, 300, 64, 16, 2, with_d=True, with_z=True,
+                       with_bias=True)
+  results = [jax.jit(_value_and_grads(impl, True, ScanBlocks()))(inputs)
+             for impl in ("pallas", "reference")]
+  ((_, (y, last)), grads), ((_, (ref_y, ref_last)), ref_grads) = results
+  close(y, ref_y, atol=1e-4, name="y")
+  close(last, ref_last, atol=1e-4, name="last_state")
+  for name in NAMES:
+    close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name}")
 
 
 @pytest.mark.parametrize("change,message", [

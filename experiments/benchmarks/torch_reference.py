@@ -1,0 +1,124 @@
+"""A PyTorch baseline for the speed benchmark, timed in the same run as paperzoo.
+
+Our own PyTorch implementation of the iTransformer and DLinear training steps with the same
+operations and sizes as the papers' reference code (Time-Series-Library): PyTorch-default Linear
+layers, post-norm encoder layers with dropout on the attention probabilities, exact GELU,
+LayerNorm eps 1e-5, instance normalization, the projection applied to every token before the
+time-feature tokens are dropped (as the reference does), Adam, MSE. It is used only by
+`forecasting_speed.py` and only when torch is installed; torch is not a paperzoo dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _build(name: str, config: Any, *, num_variates: int, num_time_features: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  seq_len, pred_len = config.data.seq_len, config.data.pred_len
+
+  class EncoderLayer(nn.Module):
+
+    def __init__(self, d, heads, d_ff, p):
+      super().__init__()
+      self.heads = heads
+      self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+      self.ff_in, self.ff_out = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+      self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+      self.dropout = nn.Dropout(p)
+
+    def forward(self, x):
+      b, s, _ = x.shape
+      q, k, v = (f(x).view(b, s, self.heads, -1) for f in (self.q, self.k, self.v))
+      scores = torch.einsum("blhe,bshe->bhls", q, k) / math.sqrt(q.shape[-1])
+      attended = torch.einsum("bhls,bshd->blhd", self.dropout(torch.softmax(scores, -1)), v)
+      x = self.norm1(x + self.dropout(self.o(attended.reshape(b, s, -1))))
+      y = self.dropout(F.gelu(self.ff_in(x)))
+      return self.norm2(x + self.dropout(self.ff_out(y)))
+
+  class ITransformer(nn.Module):
+
+    def __init__(self, m):
+      super().__init__()
+      self.embedding = nn.Linear(seq_len, m.d_model)
+      self.dropout = nn.Dropout(m.dropout)
+      self.layers = nn.ModuleList(EncoderLayer(m.d_model, m.num_heads, m.d_ff, m.dropout)
+                                  for _ in range(m.num_layers))
+      self.norm = nn.LayerNorm(m.d_model)
+      self.projection = nn.Linear(m.d_model, pred_len)
+
+    def forward(self, x, x_mark):
+      mean = x.mean(1, keepdim=True).detach()
+      x = x - mean
+      std = torch.sqrt(torch.var(x, dim=1, keepdim=True, unbiased=False) + 1e-5)
+      x = x / std
+      h = self.dropout(self.embedding(torch.cat([x.permute(0, 2, 1),
+                                                 x_mark.permute(0, 2, 1)], 1)))
+      for layer in self.layers:
+        h = layer(h)
+      y = self.projection(self.norm(h)).permute(0, 2, 1)[:, :, :num_variates]
+      return y * std + mean
+
+  class DLinear(nn.Module):
+
+    def __init__(self, m):
+      super().__init__()
+      self.kernel = m.moving_avg
+      self.seasonal, self.trend = nn.Linear(seq_len, pred_len), nn.Linear(seq_len, pred_len)
+      for layer in (self.seasonal, self.trend):
+        layer.weight = nn.Parameter(torch.full((pred_len, seq_len), 1.0 / seq_len))
+
+    def forward(self, x, x_mark):
+      del x_mark
+      pad = (self.kernel - 1) // 2
+      padded = torch.cat([x[:, :1].repeat(1, pad, 1), x, x[:, -1:].repeat(1, pad, 1)], 1)
+      trend = F.avg_pool1d(padded.permute(0, 2, 1), self.kernel, stride=1)
+      seasonal = x.permute(0, 2, 1) - trend
+      return (self.seasonal(seasonal) + self.trend(trend)).permute(0, 2, 1)
+
+  torch.manual_seed(config.seed)
+  model = {"itransformer": ITransformer, "dlinear": DLinear}[name](config.model)
+  return model, torch.optim.Adam(model.parameters(), lr=config.optimizer.learning_rate)
+
+
+def epoch_seconds(name: str, config: Any, task: Any, order: Any) -> dict[str, float]:
+  """Seconds for one training epoch and for one pass over validation and test, in PyTorch."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  train = task.splits["train"]
+  model, optimizer = _build(name, config, num_variates=task.data.num_variates,
+                            num_time_features=task.data.num_time_features)
+  loss_fn = torch.nn.MSELoss()
+
+  def tensors(batch):
+    return (torch.from_numpy(batch["x"]), torch.from_numpy(batch["x_mark"]),
+            torch.from_numpy(batch["y"]))
+
+  model.train()
+  start = time.perf_counter()
+  for step in range(order.steps_per_epoch):
+    x, x_mark, y = tensors(train.get_batch(order.indices(step)))
+    optimizer.zero_grad()
+    loss = loss_fn(model(x, x_mark), y)
+    loss.backward()
+    optimizer.step()
+  train_seconds = time.perf_counter() - start
+
+  model.eval()
+  start = time.perf_counter()
+  with torch.no_grad():
+    for split in ("val", "test"):
+      dataset = task.splits[split]
+      for first in range(0, len(dataset), config.train.batch_size):
+        x, x_mark, _ = tensors(dataset.get_batch(
+            np.arange(first, min(first + config.train.batch_size, len(dataset)))))
+        model(x, x_mark)
+  return {"train_epoch": train_seconds, "val_and_test": time.perf_counter() - start,
+          "threads": torch.get_num_threads(), "version": torch.__version__}
