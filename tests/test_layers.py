@@ -103,6 +103,21 @@ def test_dot_product_attention_matches_definition(impl, use_mask):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["flash", "flash_interpret"])
+def test_flash_impls_match_the_definition_inside_a_model(impl):
+  """The attention layer reaches pallas_kernels.flash_attention through `impl` alone."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 11, 16)), jnp.float32)
+  layers = {name: MultiHeadAttention(16, 2, dropout_rate=0.1, impl=name, rngs=nnx.Rngs(params=0))
+            for name in ("reference", impl)}
+  outputs = {name: layer(x, x, train=False) for name, layer in layers.items()}
+  np.testing.assert_allclose(np.asarray(outputs[impl]), np.asarray(outputs["reference"]),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="takes no attention mask"):
+    dot_product_attention(x.reshape(2, 11, 2, 8), x.reshape(2, 11, 2, 8),
+                          x.reshape(2, 11, 2, 8), mask=jnp.ones((11, 11), bool), impl=impl)
+
+
 def test_dot_product_attention_accepts_2d_mask():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 4, 2, 3)), jnp.float32) for _ in range(3))

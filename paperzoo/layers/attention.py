@@ -10,6 +10,10 @@ Layout is [batch, sequence, heads, head_dim] ("BSHD") throughout, the layout of
 
 `dot_product_attention` is the single dispatch point over implementations (`ATTENTION_IMPLS`):
   * "xla", "cudnn": `jax.nn.dot_product_attention(..., implementation=impl)`;
+  * "flash": `pallas_kernels.flash_attention(impl="auto")`: the Pallas kernel on GPU, XLA on
+    TPU, its jnp reference on CPU; "flash_interpret": the same Pallas kernel through interpret
+    mode on any backend (slow; for checking the kernel inside a model on CPU). The flash paths
+    take no arbitrary mask (the kernel supports causal masks and segment ids only);
   * "reference": the definition written out with einsums and an explicit softmax. It is the only
     path that exposes the attention probabilities, so it is the only one that can apply dropout to
     them, which the PyTorch reference code (TSLib's `FullAttention`) does:
@@ -37,7 +41,7 @@ from flax import nnx
 
 from paperzoo.layers.initializers import check_init_scheme, dense
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "flash", "flash_interpret")
 
 # Dropout draws 16-bit uniforms: two per 32-bit word of the key's generator.
 _MASK_BITS = 16
@@ -142,6 +146,13 @@ def dot_product_attention(
     return reference_attention(q, k, v, mask=mask, probs_dropout=probs_dropout)
   if probs_dropout is not None:
     raise ValueError(f"dropout on attention probabilities needs impl='reference', not {impl!r}")
+  if impl in ("flash", "flash_interpret"):
+    if mask is not None:
+      raise ValueError(f"impl={impl!r} takes no attention mask (the flash kernel supports causal "
+                       "masks and segment ids); use impl='xla' or 'reference' with a mask")
+    import pallas_kernels  # pylint: disable=g-import-not-at-top  (only models that use it pay)
+    return pallas_kernels.flash_attention(
+        q, k, v, impl="auto" if impl == "flash" else "interpret")
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
