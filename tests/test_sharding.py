@@ -6,6 +6,7 @@ Python process; this process keeps its single CPU device.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def small_config(mesh=(-1, 1, 1)):
 
 
 _CHILD = """
+import json
 import sys
 import jax
 assert len(jax.devices()) == 8, jax.devices()
@@ -40,11 +42,15 @@ import paperzoo
 from tests.test_sharding import small_config, MESHES
 for name, mesh in MESHES.items():
   paperzoo.train_and_evaluate(small_config(mesh), f"{sys.argv[1]}/{name}")
+# The single-device run's checkpoints, restored onto this 8-device mesh and scored again.
+resharded = paperzoo.train_and_evaluate(small_config((2, 2, 2)), f"{sys.argv[1]}/single")
+assert resharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}, resharded["mesh"]
+print("RESHARDED", json.dumps(resharded["test"]))
 """
 
 
 @pytest.mark.multidevice
-def test_loss_curves_agree_on_1_and_8_devices(tmp_path):
+def test_loss_curves_agree_on_1_and_8_devices_and_checkpoints_move_between_meshes(tmp_path):
   assert len(jax.devices()) == 1
   single = paperzoo.train_and_evaluate(small_config(), tmp_path / "single")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -59,7 +65,9 @@ def test_loss_curves_agree_on_1_and_8_devices(tmp_path):
                                err_msg=name)
     results = (tmp_path / name / "results.json").read_text()
     assert '"fsdp"' in results
-  assert single["test"]["mse"] > 0
+  resharded = json.loads(child.stdout.split("RESHARDED ")[1].splitlines()[0])
+  for metric, value in single["test"].items():
+    assert resharded[metric] == pytest.approx(value, rel=1e-5), metric
 
 
 def test_mesh_sizes_are_checked():
