@@ -9,10 +9,13 @@ through `paperzoo.train_and_evaluate`, and prints:
     steps/s, and the whole run's wall time (from the call to results, compilation included);
   * the fraction of this machine's floor: the train step's FLOPs (XLA's cost analysis of the
     forward pass x 3 for forward + backward) over the float32 matmul throughput measured here;
-  * the ratio to a PyTorch baseline timed in this same run (`torch_reference.py`: the same
+  * the ratio to PyTorch baselines timed in this same run (`torch_reference.py`: the same
     model, sizes, data order and optimizer in PyTorch; needs `pip install torch`, which is not
-    a paperzoo dependency): one training epoch, and one validation + test pass, from which the
-    reference protocol's whole run (validation and test after every epoch) is estimated;
+    a paperzoo dependency): "reference", the operations of Time-Series-Library's code (its
+    feed-forward is a kernel-1 Conv1d), and "linear", the same model with nn.Linear there,
+    which is faster in PyTorch. Each times one training epoch and one validation + test pass,
+    from which the reference protocol's whole run (validation and test after every epoch) is
+    estimated;
   * the ratio to the reference times recorded in ../shared/design/FORECASTING_PROTOCOL.md
     (Time-Series-Library, torch 2.13, measured on another machine of this type);
   * the test MSE, so a speed-up is never bought with accuracy.
@@ -41,6 +44,8 @@ from paperzoo.registry import MODELS, TASKS
 _MODELS = flags.DEFINE_list("models", ["itransformer", "dlinear"], "Models to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Full runs per model (the median is reported).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+_EPOCHS = flags.DEFINE_integer("epochs", 0, "Train this many epochs instead of the config's "
+                               "(0: the paper's protocol); for a quick check of the script.")
 
 CONFIGS = {"itransformer": itransformer, "dlinear": dlinear}
 # Time-Series-Library as recorded in FORECASTING_PROTOCOL.md: seconds per training epoch, and
@@ -75,8 +80,8 @@ def train_step_gflop(config) -> float:
   return 3 * float(cost["flops"]) / 1e9
 
 
-def torch_baseline(name: str) -> dict | None:
-  """PyTorch times for the same config, or None when torch is not installed."""
+def torch_baseline(name: str) -> dict[str, dict] | None:
+  """PyTorch times for the same config per variant, or None when torch is not installed."""
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
@@ -86,13 +91,18 @@ def torch_baseline(name: str) -> dict | None:
   batch_size = config.train.batch_size
   steps_per_epoch = len(task.splits["train"]) // batch_size
   order = trainer.DataOrder(config.seed, len(task.splits["train"]), batch_size, steps_per_epoch)
-  return torch_reference.epoch_seconds(name, config, task, order)
+  variants = {"reference": "conv1d", "linear": "linear"} if name == "itransformer" else {
+      "reference": "conv1d"}
+  return {variant: torch_reference.epoch_seconds(name, config, task, order, ffn=ffn)
+          for variant, ffn in variants.items()}
 
 
 def run_once(name: str) -> dict:
   config = CONFIGS[name].get_config("data=etth1,pred_len=96")
   config.train.progress_bar = False
   config.train.plots = False
+  if _EPOCHS.value:
+    config.train.num_epochs = _EPOCHS.value
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     results = paperzoo.train_and_evaluate(config, workdir)
@@ -137,16 +147,16 @@ def main(argv):
           f"(compile {row['compile_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s)")
     print(f"  floor: {epoch_gflop:.0f} GFLOP/epoch / {gflops:.0f} GFLOP/s = {floor:.2f} s; "
           f"achieved {100 * row['fraction_of_floor']:.0f}% of it")
-    if torch_times:
-      torch_run = row["epochs"] * (torch_times["train_epoch"] + torch_times["val_and_test"])
-      row["epoch_speedup_vs_torch"] = torch_times["train_epoch"] / run["epoch_seconds"]
-      row["run_speedup_vs_torch"] = torch_run / run["run_seconds"]
-      print(f"  PyTorch {torch_times['version']} baseline, this run ({torch_times['threads']} "
-            f"threads): {torch_times['train_epoch']:.2f} s/epoch -> "
-            f"{row['epoch_speedup_vs_torch']:.2f}x faster per epoch; its protocol's whole run "
-            f"(val + test every epoch, {row['epochs']:.0f} epochs) ~{torch_run:.0f} s -> "
-            f"{row['run_speedup_vs_torch']:.2f}x faster")
-    else:
+    for variant, times in (torch_times or {}).items():
+      torch_run = row["epochs"] * (times["train_epoch"] + times["val_and_test"])
+      times["epoch_speedup"] = times["train_epoch"] / run["epoch_seconds"]
+      times["run_seconds_estimate"] = torch_run
+      times["run_speedup"] = torch_run / run["run_seconds"]
+      print(f"  PyTorch {times['version']} {variant} baseline, this run ({times['threads']} "
+            f"threads): {times['train_epoch']:.2f} s/epoch -> {times['epoch_speedup']:.2f}x "
+            f"faster per epoch; its protocol's whole run (val + test every epoch, "
+            f"{row['epochs']:.0f} epochs) ~{torch_run:.0f} s -> {times['run_speedup']:.2f}x faster")
+    if not torch_times:
       print("  PyTorch baseline skipped: torch is not installed (pip install torch)")
     print(f"  recorded reference (TSLib, other machine): {ref['epoch_seconds']} s/epoch -> "
           f"{row['epoch_speedup_vs_reference']:.2f}x faster per epoch"

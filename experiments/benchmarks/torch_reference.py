@@ -4,7 +4,10 @@ Our own PyTorch implementation of the iTransformer and DLinear training steps wi
 operations and sizes as the papers' reference code (Time-Series-Library): PyTorch-default Linear
 layers, post-norm encoder layers with dropout on the attention probabilities, exact GELU,
 LayerNorm eps 1e-5, instance normalization, the projection applied to every token before the
-time-feature tokens are dropped (as the reference does), Adam, MSE. It is used only by
+time-feature tokens are dropped, Adam, MSE. The reference computes the encoder's feed-forward
+with `nn.Conv1d(kernel_size=1)` over transposed activations (layers/Transformer_EncDec.py);
+`ffn="conv1d"` does the same, `ffn="linear"` uses `nn.Linear`, which computes the same function
+faster in PyTorch, so the benchmark reports against both. It is used only by
 `forecasting_speed.py` and only when torch is installed; torch is not a paperzoo dependency.
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 
-def _build(name: str, config: Any, *, num_variates: int, num_time_features: int):
+def _build(name: str, config: Any, *, num_variates: int, num_time_features: int, ffn: str):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -30,7 +33,10 @@ def _build(name: str, config: Any, *, num_variates: int, num_time_features: int)
       super().__init__()
       self.heads = heads
       self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-      self.ff_in, self.ff_out = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+      if ffn == "conv1d":
+        self.ff_in, self.ff_out = nn.Conv1d(d, d_ff, 1), nn.Conv1d(d_ff, d, 1)
+      else:
+        self.ff_in, self.ff_out = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
       self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
       self.dropout = nn.Dropout(p)
 
@@ -40,6 +46,9 @@ def _build(name: str, config: Any, *, num_variates: int, num_time_features: int)
       scores = torch.einsum("blhe,bshe->bhls", q, k) / math.sqrt(q.shape[-1])
       attended = torch.einsum("bhls,bshd->blhd", self.dropout(torch.softmax(scores, -1)), v)
       x = self.norm1(x + self.dropout(self.o(attended.reshape(b, s, -1))))
+      if ffn == "conv1d":  # channels first, as Conv1d wants
+        y = self.dropout(F.gelu(self.ff_in(x.transpose(-1, 1))))
+        return self.norm2(x + self.dropout(self.ff_out(y).transpose(-1, 1)))
       y = self.dropout(F.gelu(self.ff_in(x)))
       return self.norm2(x + self.dropout(self.ff_out(y)))
 
@@ -88,13 +97,14 @@ def _build(name: str, config: Any, *, num_variates: int, num_time_features: int)
   return model, torch.optim.Adam(model.parameters(), lr=config.optimizer.learning_rate)
 
 
-def epoch_seconds(name: str, config: Any, task: Any, order: Any) -> dict[str, float]:
+def epoch_seconds(name: str, config: Any, task: Any, order: Any, *, ffn: str = "conv1d"
+                  ) -> dict[str, float]:
   """Seconds for one training epoch and for one pass over validation and test, in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
 
   train = task.splits["train"]
   model, optimizer = _build(name, config, num_variates=task.data.num_variates,
-                            num_time_features=task.data.num_time_features)
+                            num_time_features=task.data.num_time_features, ffn=ffn)
   loss_fn = torch.nn.MSELoss()
 
   def tensors(batch):
