@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pathlib
 import subprocess
 import sys
 
