@@ -28,6 +28,7 @@ from paperzoo.layers.attention import (ATTENTION_IMPLS, Dropout, MultiHeadAttent
                                        dot_product_attention, reference_attention)
 from paperzoo.layers.initializers import (INIT_SCHEMES, dense, torch_linear_bias_init,
                                           torch_linear_kernel_init)
+from paperzoo.layers.normalization import denormalize_series, normalize_series
 from paperzoo.layers.transformer import ACTIVATIONS, Encoder, EncoderLayer
 
 LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "head_dim", "time", "variates", "vocab", None)
@@ -42,6 +43,8 @@ __all__ = [
     "LOGICAL_AXIS_NAMES",
     "MultiHeadAttention",
     "dense",
+    "denormalize_series",
+    "normalize_series",
     "dot_product_attention",
     "reference_attention",
     "torch_linear_bias_init",

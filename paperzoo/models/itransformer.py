@@ -46,10 +46,10 @@ from flax import nnx
 
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense
+from paperzoo.layers.normalization import denormalize_series, normalize_series
 from paperzoo.layers.transformer import Encoder
 from paperzoo.registry import MODELS
 
-NORM_EPS = 1e-5
 
 
 @MODELS.register("itransformer")
@@ -83,10 +83,7 @@ class ITransformer(nnx.Module):
   def __call__(self, batch: dict, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     x = batch["x"]  # [B, L, N]
     if self.use_norm:
-      mean = jnp.mean(x, axis=1, keepdims=True)
-      x = x - mean
-      std = jnp.sqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + NORM_EPS)
-      x = x / std
+      x, stats = normalize_series(x)
     # Invert: one token per series, its lookback window as the token's features.
     tokens = jnp.swapaxes(x, 1, 2)  # [B, N, L]
     if self.num_time_features:
@@ -96,5 +93,5 @@ class ITransformer(nnx.Module):
     # Only the variate tokens are forecast; projecting the time-feature tokens would be wasted.
     y = jnp.swapaxes(self.projection(h[:, :self.num_variates]), 1, 2)  # [B, P, N]
     if self.use_norm:
-      y = y * std + mean
+      y = denormalize_series(y, stats)
     return y

@@ -67,10 +67,10 @@ from flax import nnx
 
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense
+from paperzoo.layers.normalization import NORM_EPS, denormalize_series, normalize_series
 from paperzoo.layers.transformer import Encoder
 from paperzoo.registry import MODELS
 
-NORM_EPS = 1e-5
 POSITION_INIT_RANGE = 0.02
 
 
@@ -136,10 +136,7 @@ class PatchTST(nnx.Module):
   def __call__(self, batch: dict, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     x = batch["x"]  # [B, L, C]
     batch_size, _, num_variates = x.shape
-    mean = jnp.mean(x, axis=1, keepdims=True)
-    x = x - mean
-    std = jnp.sqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + NORM_EPS)
-    x = x / std
+    x, stats = normalize_series(x)
     if self.revin_affine:
       x = x * self.revin_scale[...] + self.revin_bias[...]
     # Channel independence: every variate is its own example of a univariate forecaster.
@@ -154,4 +151,4 @@ class PatchTST(nnx.Module):
     y = jnp.swapaxes(y.reshape(batch_size, num_variates, -1), 1, 2)  # [B, H, C]
     if self.revin_affine:
       y = (y - self.revin_bias[...]) / (self.revin_scale[...] + NORM_EPS * NORM_EPS)
-    return y * std + mean
+    return denormalize_series(y, stats)

@@ -73,11 +73,11 @@ from flax import nnx
 import pallas_kernels
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense, kernel_and_bias_init
+from paperzoo.layers.normalization import denormalize_series, normalize_series
 from paperzoo.layers.transformer import activation_fn, layer_norm
 from paperzoo.registry import MODELS
 from pallas_kernels.selective_scan import IMPLS as SCAN_IMPLS
 
-NORM_EPS = 1e-5
 # mamba_ssm's dt initialisation range and floor.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
@@ -229,10 +229,7 @@ class SMamba(nnx.Module):
   def __call__(self, batch: dict, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     x = batch["x"]  # [B, L, N]
     if self.use_norm:
-      mean = jnp.mean(x, axis=1, keepdims=True)
-      x = x - mean
-      std = jnp.sqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + NORM_EPS)
-      x = x / std
+      x, stats = normalize_series(x)
     # Invert: one token per series (variates first, then time features, as the released code).
     tokens = jnp.swapaxes(x, 1, 2)  # [B, N, L]
     if self.num_time_features:
@@ -243,5 +240,5 @@ class SMamba(nnx.Module):
     h = self.norm(h)  # [B, N + F, d_model]
     y = jnp.swapaxes(self.projection(h[:, :self.num_variates]), 1, 2)  # [B, P, N]
     if self.use_norm:
-      y = y * std + mean
+      y = denormalize_series(y, stats)
     return y
