@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,3 +19,14 @@ def _quiet_absl_logging():
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   yield
+
+
+def random_forecasting_batch(seed: int, *, batch: int, seq_len: int, num_time_features: int
+                             ) -> dict:
+  """Three variates with different offsets and scales (so instance normalization has work to
+  do) and time features in [-0.5, 0.5], as jnp float32 arrays."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, seq_len, 3)) * [1.0, 2.0, 0.5] + [0.0, 3.0, -1.0]
+  x_mark = rng.uniform(-0.5, 0.5, size=(batch, seq_len, num_time_features))
+  return {"x": jnp.asarray(x, jnp.float32), "x_mark": jnp.asarray(x_mark, jnp.float32)}

@@ -16,6 +16,7 @@ from flax import nnx
 from paperzoo.models.dlinear import DLinear, moving_average
 from paperzoo.models.itransformer import ITransformer
 from paperzoo.registry import MODELS
+from tests.conftest import random_forecasting_batch
 
 SEQ_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 24, 8, 3, 2, 4
 
@@ -45,11 +46,9 @@ def _build(name: str, seed: int = 0, **overrides) -> nnx.Module:
 
 
 def _batch(seed: int = 0) -> dict[str, jax.Array]:
-  rng = np.random.default_rng(seed)
-  # Series with per-variate offsets and scales, so instance normalization has work to do.
-  x = rng.normal(size=(BATCH, SEQ_LEN, NUM_VARIATES)) * [1.0, 2.0, 0.5] + [0.0, 3.0, -1.0]
-  x_mark = rng.uniform(-0.5, 0.5, size=(BATCH, SEQ_LEN, NUM_TIME_FEATURES))
-  return {"x": jnp.asarray(x, jnp.float32), "x_mark": jnp.asarray(x_mark, jnp.float32)}
+  assert NUM_VARIATES == 3  # the shared builder makes three variates
+  return random_forecasting_batch(seed, batch=BATCH, seq_len=SEQ_LEN,
+                                  num_time_features=NUM_TIME_FEATURES)
 
 
 def test_registry_names():

@@ -17,6 +17,7 @@ from flax import nnx
 from paperzoo.layers import LOGICAL_AXIS_NAMES
 from paperzoo.models.smamba import MambaBlock, SMamba, SMambaEncoderLayer
 from paperzoo.registry import MODELS
+from tests.conftest import random_forecasting_batch
 
 SEQ_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 24, 8, 3, 2, 4
 D_MODEL = 8
@@ -43,10 +44,9 @@ def _build(seed: int = 0, **overrides) -> SMamba:
 
 
 def _batch(seed: int = 0) -> dict[str, jax.Array]:
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(BATCH, SEQ_LEN, NUM_VARIATES)) * [1.0, 2.0, 0.5] + [0.0, 3.0, -1.0]
-  x_mark = rng.uniform(-0.5, 0.5, size=(BATCH, SEQ_LEN, NUM_TIME_FEATURES))
-  return {"x": jnp.asarray(x, jnp.float32), "x_mark": jnp.asarray(x_mark, jnp.float32)}
+  assert NUM_VARIATES == 3  # the shared builder makes three variates
+  return random_forecasting_batch(seed, batch=BATCH, seq_len=SEQ_LEN,
+                                  num_time_features=NUM_TIME_FEATURES)
 
 
 def _tokens(seed: int, length: int = 6, batch: int = 2) -> jax.Array:

@@ -52,6 +52,18 @@ from paperzoo.registry import MODELS
 
 
 
+def variate_tokens(x: jax.Array, x_mark: jax.Array | None) -> jax.Array:
+  """The inverted layout: x [B, L, N] (and x_mark [B, L, F]) -> tokens [B, N (+ F), L].
+
+  Each variate's whole lookback series is one token; the time-feature series follow as extra
+  tokens, so the first N tokens are always the variates.
+  """
+  tokens = jnp.swapaxes(x, 1, 2)
+  if x_mark is not None:
+    tokens = jnp.concatenate([tokens, jnp.swapaxes(x_mark, 1, 2)], axis=1)
+  return tokens
+
+
 @MODELS.register("itransformer")
 class ITransformer(nnx.Module):
   """Inverted Transformer forecaster (equations and config keys in the module docstring)."""
@@ -85,9 +97,7 @@ class ITransformer(nnx.Module):
     if self.use_norm:
       x, stats = normalize_series(x)
     # Invert: one token per series, its lookback window as the token's features.
-    tokens = jnp.swapaxes(x, 1, 2)  # [B, N, L]
-    if self.num_time_features:
-      tokens = jnp.concatenate([tokens, jnp.swapaxes(batch["x_mark"], 1, 2)], axis=1)
+    tokens = variate_tokens(x, batch["x_mark"] if self.num_time_features else None)
     h = self.embedding_dropout(self.embedding(tokens), deterministic=not train, rngs=rngs)
     h = self.encoder(h, train=train, rngs=rngs)  # [B, N + F, d_model]
     # Only the variate tokens are forecast; projecting the time-feature tokens would be wasted.

@@ -75,6 +75,7 @@ from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense, kernel_and_bias_init
 from paperzoo.layers.normalization import denormalize_series, normalize_series
 from paperzoo.layers.transformer import activation_fn, layer_norm
+from paperzoo.models.itransformer import variate_tokens
 from paperzoo.registry import MODELS
 from pallas_kernels.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -231,9 +232,7 @@ class SMamba(nnx.Module):
     if self.use_norm:
       x, stats = normalize_series(x)
     # Invert: one token per series (variates first, then time features, as the released code).
-    tokens = jnp.swapaxes(x, 1, 2)  # [B, N, L]
-    if self.num_time_features:
-      tokens = jnp.concatenate([tokens, jnp.swapaxes(batch["x_mark"], 1, 2)], axis=1)
+    tokens = variate_tokens(x, batch["x_mark"] if self.num_time_features else None)
     h = self.embedding_dropout(self.embedding(tokens), deterministic=not train, rngs=rngs)
     for layer in self.layers:
       h = layer(h, train=train, rngs=rngs)
