@@ -11,12 +11,17 @@ pl_triton                  | P.triton       | deprecated        | P.gpu < 0.6.1
 plgpu                      | P.mosaic_gpu   | same              | same
 triton_compiler_params     | CompilerParams | same              | TritonCompilerParams
 tpu_compiler_params        | CompilerParams | same              | TPUCompilerParams
+tpu_interpret_params       | InterpretParams| same              | TPUInterpretParams *
+reset_tpu_interpret_state  | reset_tpu_i... | same              | absent: no-op *
 mosaic_gpu_compiler_params | CompilerParams | same              | GPUCompilerParams
 triton_debug_barrier       | P.triton       | same              | same
 SQUEEZED                   | P.squeezed     | same              | None
 
 P = `jax.experimental.pallas`; a module this jax lacks is None here, and
-`CompilerParams` is the class in the row's module. Only 0.10.2 was run in
+`CompilerParams` is the class in the row's module. Rows marked * fall back
+gracefully: without a TPU interpreter class, `tpu_interpret_params()` returns
+`True` (the generic interpreter); `reset_tpu_i...` is
+`P.tpu.reset_tpu_interpret_mode_state`. Only 0.10.2 was run in
 this package's tests; the other columns come from the upstream changelog.
 
 Facts the table relies on (Pallas changelog): since 0.9.0 Mosaic GPU is the
@@ -90,6 +95,31 @@ def tpu_compiler_params(**kwargs: Any) -> Any:
   return cls(**kwargs)
 
 
+def tpu_interpret_params(**kwargs: Any) -> Any:
+  """The `interpret=` value that runs a Mosaic TPU kernel on CPU.
+
+  `pltpu.InterpretParams` (TPU interpret mode: simulated HBM/VMEM, the
+  grid's DMAs, TPU grid semantics, uninitialised memory filled with NaN,
+  out-of-bounds reads raise; `TPUInterpretParams` in jax 0.5-0.7). On a jax
+  without it, `True`: the generic interpreter, which runs the same kernel
+  body without the TPU memory model (scratch shapes and
+  `PrefetchScalarGridSpec` still work there).
+  """
+  cls = None
+  if pltpu is not None:
+    cls = (getattr(pltpu, "InterpretParams", None)
+           or getattr(pltpu, "TPUInterpretParams", None))
+  return True if cls is None else cls(**kwargs)
+
+
+def reset_tpu_interpret_state() -> None:
+  """Clears TPU interpret mode's global state (needed after a kernel raised
+  inside the interpreter); a no-op where this jax has no such state."""
+  reset = getattr(pltpu, "reset_tpu_interpret_mode_state", None)
+  if reset is not None:
+    reset()
+
+
 def mosaic_gpu_compiler_params(**kwargs: Any) -> Any:
   """Mosaic GPU compiler params (e.g. `approx_math=True`)."""
   cls = _first_attr(plgpu, ("CompilerParams", "GPUCompilerParams"),
@@ -116,6 +146,7 @@ def default_backend() -> str:
 __all__ = [
     "JAX_VERSION", "SQUEEZED", "pl", "pltpu", "pl_triton", "plgpu",
     "HAS_TRITON", "HAS_TPU", "HAS_MOSAIC_GPU", "triton_compiler_params",
-    "tpu_compiler_params", "mosaic_gpu_compiler_params",
+    "tpu_compiler_params", "tpu_interpret_params",
+    "reset_tpu_interpret_state", "mosaic_gpu_compiler_params",
     "triton_debug_barrier", "default_backend",
 ]

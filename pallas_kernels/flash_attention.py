@@ -36,15 +36,16 @@ kernels through the Triton backend on GPU (compiler params from `compat`); the
 kernels follow its rules (power-of-two tiles, 2-D dots of at least 16x16,
 loops with dynamic bounds) and lower to Triton IR (checked on CPU through
 `jax.export(platforms=["cuda"])`), but were NOT compiled or run on GPU
-hardware in the session that wrote them. There is no Mosaic TPU kernel yet:
-on TPU, "auto" uses the XLA baseline.
+hardware in the session that wrote them. `impl="tpu"` runs separate Mosaic
+TPU kernels with the same semantics (`flash_attention_tpu.py`; "auto" on TPU),
+and `impl="tpu_interpret"` runs those through TPU interpret mode on CPU.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,11 @@ import numpy as np
 from pallas_kernels import compat
 from pallas_kernels.compat import pl
 
-IMPLS = ("auto", "pallas", "interpret", "reference", "xla", "cudnn")
+if TYPE_CHECKING:  # imported lazily at run time (it imports this module)
+  from pallas_kernels.flash_attention_tpu import TPUBlockSizes
+
+IMPLS = ("auto", "pallas", "interpret", "reference", "xla", "cudnn", "tpu",
+         "tpu_interpret")
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _LOG2E = math.log2(math.e)
 # A finite "minus infinity": masked logits and the initial running max. Finite
@@ -112,7 +117,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     causal: bool = False,
                     segment_ids: tuple[jax.Array, jax.Array] | None = None,
                     sm_scale: float | None = None, impl: str = "auto",
-                    block_sizes: BlockSizes | None = None) -> jax.Array:
+                    block_sizes: BlockSizes | None = None,
+                    tpu_block_sizes: TPUBlockSizes | None = None
+                    ) -> jax.Array:
   """Multi-head attention softmax(sm_scale q k^T + mask) v (see module doc).
 
   Args:
@@ -124,12 +131,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     segment_ids: None or (q_segment_ids [batch, q_len], kv_segment_ids
       [batch, kv_len]), integers; a query sees only keys of its segment.
     sm_scale: logit scale, default head_dim ** -0.5.
-    impl: "auto" (Pallas on GPU, XLA on TPU, reference on CPU), "pallas"
-      (Triton, GPU), "interpret" (the Pallas kernels in interpret mode),
+    impl: "auto" (Pallas Triton on GPU, Pallas Mosaic on TPU, reference
+      on CPU), "pallas" (Triton, GPU), "interpret" (the Triton-style kernels
+      in interpret mode), "tpu" (Mosaic TPU kernels, TPU), "tpu_interpret"
+      (the Mosaic TPU kernels in TPU interpret mode, any backend),
       "reference" (pure jnp), "xla" or "cudnn"
       (`jax.nn.dot_product_attention`). The two baselines give fully masked
       query rows the mean of v instead of 0.
     block_sizes: kernel tiles for "pallas" / "interpret".
+    tpu_block_sizes: `flash_attention_tpu.TPUBlockSizes` for "tpu" /
+      "tpu_interpret" (and "auto" on TPU).
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
@@ -138,13 +149,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   head_dim = q.shape[-1]
   sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
   if impl == "auto":
-    impl = {"gpu": "pallas", "tpu": "xla"}.get(compat.default_backend(),
+    impl = {"gpu": "pallas", "tpu": "tpu"}.get(compat.default_backend(),
                                                  "reference")
   if impl == "reference":
     return reference_attention(q, k, v, causal=causal,
                                segment_ids=segment_ids, sm_scale=sm_scale)
   if impl in ("xla", "cudnn"):
     return _nn_attention(q, k, v, causal, segment_ids, sm_scale, impl)
+  if impl in ("tpu", "tpu_interpret"):
+    # Imported here: that module imports helpers from this one.
+    from pallas_kernels import flash_attention_tpu as tpu_kernels
+    return tpu_kernels.flash_attention_tpu(
+        q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+        block_sizes=tpu_block_sizes, interpret=impl == "tpu_interpret")
   return _pallas_attention(q, k, v, causal, segment_ids, sm_scale,
                            block_sizes or BlockSizes(),
                            interpret=impl == "interpret")
