@@ -15,6 +15,7 @@ from scipy.special import erf
 
 from paperzoo.layers import (LOGICAL_AXIS_NAMES, Dropout, Encoder, EncoderLayer,
                              MultiHeadAttention, dense, dot_product_attention,
+                             threefry_random_bits,
                              torch_linear_bias_init, torch_linear_kernel_init)
 from paperzoo.registry import MODELS
 
@@ -163,6 +164,29 @@ def test_dropout_rate_scale_and_determinism():
   assert Dropout(0.0)(x, deterministic=False) is x
 
 
+@pytest.mark.parametrize("num_words", [1, 2, 7, 4097, 45_057])
+def test_threefry_random_bits_equals_jax_random_bits(num_words):
+  # The unrolled generator must be JAX's threefry, bit for bit, under jit and for fresh keys.
+  for seed in (0, 2**31 + 5):
+    key = jax.random.fold_in(jax.random.key(seed), num_words)
+    ours = jax.jit(threefry_random_bits, static_argnums=1)(key, num_words)
+    np.testing.assert_array_equal(
+        np.asarray(ours), np.asarray(jax.random.bits(key, (num_words,), jnp.uint32)))
+
+
+def test_dropout_mask_is_the_same_with_the_unrolled_generator():
+  # Dropout's mask from a threefry key equals the mask computed from jax.random.bits, and a
+  # non-threefry key (rbg) still gets a valid mask through jax.random.bits.
+  x = jnp.ones((3, 333), jnp.float32)
+  key = jax.random.key(7)
+  out = np.asarray(Dropout(0.3)(x, deterministic=False, rngs=key))
+  words = jax.random.bits(key, (-(-x.size // 2),), jnp.uint32)
+  uniforms = np.asarray(jax.lax.bitcast_convert_type(words, jnp.uint16)).reshape(-1)[:x.size]
+  np.testing.assert_array_equal(out != 0, (uniforms >= round(0.3 * 65536)).reshape(x.shape))
+  rbg = np.asarray(Dropout(0.3)(x, deterministic=False, rngs=jax.random.key(7, impl="rbg")))
+  assert 0.6 < (rbg != 0).mean() < 0.8
+
+
 # ---------------------------------------------------------------------------------------------
 # MultiHeadAttention
 
@@ -220,6 +244,21 @@ def test_encoder_is_layers_then_final_norm():
   expected = np_layer_norm(expected, encoder.norm)
   np.testing.assert_allclose(np.asarray(encoder(jnp.asarray(x), train=False)), expected,
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first,use_mask", [(False, False), (True, False), (False, True)])
+def test_encoder_num_outputs_equals_slicing_the_full_output(norm_first, use_mask):
+  # Computing only the first tokens' outputs in the last layer is an exact shortcut.
+  encoder = Encoder(2, 8, 2, 16, dropout_rate=0.1, norm_first=norm_first,
+                    rngs=nnx.Rngs(params=7))
+  _randomize_layer_norms(encoder, seed=7)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 11, 8)), jnp.float32)
+  mask = jnp.asarray(np.random.default_rng(8).random((3, 1, 11, 11)) < 0.7) if use_mask else None
+  mask = None if mask is None else mask.at[..., 0].set(True)  # no fully masked row
+  full = encoder(x, mask=mask, train=False)
+  part = encoder(x, mask=mask, train=False, num_outputs=4)
+  assert part.shape == (3, 4, 8)
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, :4]), rtol=1e-5, atol=1e-6)
 
 
 def test_encoder_layer_rejects_unknown_activation():

@@ -25,7 +25,8 @@ refuses to create an annotated variable.
 from __future__ import annotations
 
 from paperzoo.layers.attention import (ATTENTION_IMPLS, Dropout, MultiHeadAttention,
-                                       dot_product_attention, reference_attention)
+                                       dot_product_attention, reference_attention,
+                                       threefry_random_bits)
 from paperzoo.layers.initializers import (INIT_SCHEMES, dense, torch_linear_bias_init,
                                           torch_linear_kernel_init)
 from paperzoo.layers.normalization import denormalize_series, normalize_series
@@ -47,6 +48,7 @@ __all__ = [
     "normalize_series",
     "dot_product_attention",
     "reference_attention",
+    "threefry_random_bits",
     "torch_linear_bias_init",
     "torch_linear_kernel_init",
 ]

@@ -99,9 +99,10 @@ class ITransformer(nnx.Module):
     # Invert: one token per series, its lookback window as the token's features.
     tokens = variate_tokens(x, batch["x_mark"] if self.num_time_features else None)
     h = self.embedding_dropout(self.embedding(tokens), deterministic=not train, rngs=rngs)
-    h = self.encoder(h, train=train, rngs=rngs)  # [B, N + F, d_model]
-    # Only the variate tokens are forecast; projecting the time-feature tokens would be wasted.
-    y = jnp.swapaxes(self.projection(h[:, :self.num_variates]), 1, 2)  # [B, P, N]
+    # Only the variate tokens are forecast, so the last layer computes only their outputs (the
+    # time-feature tokens still serve as keys and values): the same result as slicing after it.
+    h = self.encoder(h, train=train, rngs=rngs, num_outputs=self.num_variates)  # [B, N, d_model]
+    y = jnp.swapaxes(self.projection(h), 1, 2)  # [B, P, N]
     if self.use_norm:
       y = denormalize_series(y, stats)
     return y
