@@ -1,4 +1,5 @@
-"""Pictures written into the workdir at the end of a run (matplotlib, no display needed)."""
+"""Pictures: a run's loss curves and forecasts, and the reproduction grid's ours-vs-paper plot
+(matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,59 @@ def forecast_windows(history: np.ndarray, truth: np.ndarray, prediction: np.ndar
   axes[0, 0].legend(loc="upper left", fontsize=8)
   axes[0, 0].set_title(title or channel_name)
   axes[-1, 0].set_xlabel(f"time step ({channel_name}, normalized)")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def paper_comparison(points: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
+                     title: str = "", target: float = 0.03) -> pathlib.Path:
+  """Our numbers against the papers': a scatter (paper on x, ours on y, the y = x line and the
+  `target` band above it) and the relative difference of every compared cell as bars.
+
+  points: dicts with `label`, `model`, `ours_mse`, `ours_mse_std` (NaN if one seed),
+  `paper_mse`. With no points, the figure says so (a partial grid still gets its picture).
+  """
+  fig, (scatter, bars) = plt.subplots(
+      1, 2, figsize=(13, max(4.5, 0.28 * len(points) + 1.5)),
+      gridspec_kw={"width_ratios": [1, 1.2]})
+  if not points:
+    for ax in (scatter, bars):
+      ax.text(0.5, 0.5, "no cell with both our result and a paper number yet",
+              ha="center", va="center", transform=ax.transAxes)
+      ax.set_axis_off()
+  else:
+    models = sorted({p["model"] for p in points})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+    paper = np.array([p["paper_mse"] for p in points], np.float64)
+    ours = np.array([p["ours_mse"] for p in points], np.float64)
+    std = np.nan_to_num(np.array([p["ours_mse_std"] for p in points], np.float64))
+    low, high = min(paper.min(), ours.min()) * 0.95, max(paper.max(), ours.max()) * 1.05
+    line = np.linspace(low, high, 2)
+    scatter.fill_between(line, line, line * (1 + target), color="tab:green", alpha=0.15,
+                         label=f"within {100 * target:.0f}% of the paper")
+    scatter.plot(line, line, color="0.4", lw=0.8, label="ours = paper")
+    for model in models:
+      index = [i for i, p in enumerate(points) if p["model"] == model]
+      scatter.errorbar(paper[index], ours[index], yerr=std[index], fmt="o", ms=5, capsize=2,
+                       color=colors[model], label=model)
+    scatter.set_xlim(low, high)
+    scatter.set_ylim(low, high)
+    scatter.set_xlabel("paper MSE")
+    scatter.set_ylabel("our MSE (mean ± std over seeds)")
+    scatter.grid(alpha=0.3)
+    scatter.legend(fontsize=8, loc="upper left")
+    relative = 100 * (ours / paper - 1)
+    y = np.arange(len(points))[::-1]
+    bars.barh(y, relative, color=[colors[p["model"]] for p in points])
+    bars.axvline(0, color="0.4", lw=0.8)
+    bars.axvline(100 * target, color="tab:red", ls="--", lw=0.8,
+                 label=f"+{100 * target:.0f}% (target)")
+    bars.set_yticks(y, [p["label"] for p in points], fontsize=8)
+    bars.set_xlabel("our MSE / paper MSE - 1 (%)")
+    bars.grid(alpha=0.3, axis="x")
+    bars.legend(fontsize=8, loc="lower right")
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   return _save(fig, path)
 
