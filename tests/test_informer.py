@@ -299,7 +299,9 @@ def test_no_time_features_and_no_distilling():
 
 
 def test_jit_step_gives_finite_gradients_and_updates_batch_statistics():
-  graphdef, params, extra = nnx.split(_build(), nnx.Param, ...)
+  # dropout 0: XLA compiles each dropout site's random bits slowly on CPU (the configs' smoke
+  # test trains with dropout); the key still drives the ProbSparse key samples.
+  graphdef, params, extra = nnx.split(_build(dropout=0.0), nnx.Param, ...)
   params, extra = params.to_pure_dict(), extra.to_pure_dict()  # as the trainer's state
   target = jnp.asarray(np.random.default_rng(9).normal(size=(BATCH, PRED_LEN, NUM_VARIATES)),
                        jnp.float32)
