@@ -18,9 +18,10 @@ import pytest
 from flax import nnx
 
 from paperzoo.layers import LOGICAL_AXIS_NAMES
+from paperzoo.layers.transformer import sinusoidal_positions
 from paperzoo.models.informer import (DistillingLayer, Informer, ProbSparseAttention,
                                       max_pool_halve, num_selected, prob_sparse_attention,
-                                      sample_keys, sinusoidal_positions)
+                                      sample_keys)
 from paperzoo.registry import MODELS
 
 SEQ_LEN, LABEL_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 16, 8, 8, 3, 2, 4

@@ -28,8 +28,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   arg = parse_arg(arg, data="etth1", seq_len=96, pred_len=96, seed=2021, runlocal=False)
   config = common.forecasting_protocol(base_config())
   config.seed = arg.seed
-  config.data = common.forecasting_data(arg.data, seq_len=arg.seq_len, pred_len=arg.pred_len,
-                                        label_len=min(common.LABEL_LEN, arg.seq_len // 2))
+  config.data = common.forecasting_data(arg.data, seq_len=arg.seq_len, pred_len=arg.pred_len)
   config.model = ConfigDict({
       "name": "autoformer",
       "d_model": 512,

@@ -8,9 +8,13 @@ from paperzoo.config import ConfigDict
 LABEL_LEN = 48
 
 
-def forecasting_data(name: str, *, seq_len: int, pred_len: int,
-                     label_len: int = LABEL_LEN) -> ConfigDict:
-  """The `data` section of a forecasting config (keys explained in paperzoo.tasks.forecasting)."""
+def forecasting_data(name: str, *, seq_len: int, pred_len: int) -> ConfigDict:
+  """The `data` section of a forecasting config (keys explained in paperzoo.tasks.forecasting).
+
+  The decoder context is min(48, seq_len // 2): TSLib's 48 at lookback 96, and 18 at ILI's
+  lookback 36 as its ILI scripts use. Models without a decoder ignore it.
+  """
+  label_len = min(LABEL_LEN, seq_len // 2)
   return ConfigDict({"name": name, "root": "", "seq_len": seq_len, "label_len": label_len,
                      "pred_len": pred_len})
 

@@ -61,8 +61,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   seq_len = arg.seq_len or (336 if arg.native else 96)
   config = common.forecasting_protocol(base_config())
   config.seed = arg.seed
-  config.data = common.forecasting_data(arg.data, seq_len=seq_len, pred_len=arg.pred_len,
-                                        label_len=min(common.LABEL_LEN, seq_len // 2))
+  config.data = common.forecasting_data(arg.data, seq_len=seq_len, pred_len=arg.pred_len)
   config.model = ConfigDict({
       "name": "patchtst",
       "patch_len": 16,

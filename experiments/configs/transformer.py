@@ -21,8 +21,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   arg = parse_arg(arg, data="etth1", seq_len=96, pred_len=96, seed=2021, runlocal=False)
   config = common.forecasting_protocol(base_config())
   config.seed = arg.seed
-  config.data = common.forecasting_data(arg.data, seq_len=arg.seq_len, pred_len=arg.pred_len,
-                                        label_len=common.LABEL_LEN)
+  config.data = common.forecasting_data(arg.data, seq_len=arg.seq_len, pred_len=arg.pred_len)
   config.model = ConfigDict({
       "name": "transformer",
       "d_model": 512,

@@ -79,6 +79,7 @@ import ml_collections
 from flax import nnx
 
 from paperzoo.layers.attention import Dropout
+from paperzoo.layers.embedding import CircularConv3, DataEmbedding
 from paperzoo.layers.initializers import check_init_scheme, dense
 from paperzoo.layers.transformer import activation_fn, layer_norm
 from paperzoo.models.dlinear import moving_average
@@ -159,45 +160,6 @@ class AutoCorrelation(nnx.Module):
     aggregated = time_delay_aggregation(v, mean_corr, num_lags(length, self.factor),
                                         shared_lags=train)
     return self.out(aggregated.reshape(batch, length, -1))
-
-
-class CircularConv3(nnx.Module):
-  """A kernel-3, stride-1 circular Conv1d without bias over time, [B, L, in] -> [B, L, out]:
-  one Linear over [x_{t-1}, x_t, x_{t+1}] (kernel rows are the taps in that order)."""
-
-  def __init__(self, in_features: int, out_features: int, *, names: tuple[str | None, ...],
-               init: str, kaiming_leaky_relu: bool, rngs: nnx.Rngs):
-    kernel_init = None
-    if kaiming_leaky_relu and init == "torch":
-      # nn.init.kaiming_normal_(mode="fan_in", nonlinearity="leaky_relu"), negative slope 0.01.
-      kernel_init = nnx.initializers.variance_scaling(
-          2.0 / (1.0 + 0.01 ** 2), "fan_in", "normal")
-    self.linear = dense(3 * in_features, out_features, names=names, init=init, use_bias=False,
-                        kernel_init=kernel_init, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    taps = jnp.concatenate([jnp.roll(x, 1, axis=1), x, jnp.roll(x, -1, axis=1)], axis=-1)
-    return self.linear(taps)
-
-
-class DataEmbedding(nnx.Module):
-  """Dropout(TokenConv(x) + Linear_nobias(x_mark)); no positional embedding."""
-
-  def __init__(self, num_variates: int, num_time_features: int, d_model: int, *,
-               dropout: float, init: str, rngs: nnx.Rngs):
-    self.value_embedding = CircularConv3(num_variates, d_model, names=(None, "embed"),
-                                         init=init, kaiming_leaky_relu=True, rngs=rngs)
-    self.time_embedding = (
-        dense(num_time_features, d_model, names=(None, "embed"), init=init, use_bias=False,
-              rngs=rngs) if num_time_features else None)
-    self.dropout = Dropout(dropout)
-
-  def __call__(self, x: jax.Array, x_mark: jax.Array | None, *, train: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
-    h = self.value_embedding(x)
-    if self.time_embedding is not None:
-      h = h + self.time_embedding(x_mark)
-    return self.dropout(h, deterministic=not train, rngs=rngs)
 
 
 class SeasonalLayerNorm(nnx.Module):
@@ -307,9 +269,9 @@ class Autoformer(nnx.Module):
     layer_kwargs = dict(moving_avg=self.moving_avg, factor=factor, dropout=dropout,
                         activation=activation, init=init, rngs=rngs)
     self.encoder_embedding = DataEmbedding(num_variates, num_time_features, d_model,
-                                           dropout=dropout, init=init, rngs=rngs)
+                                           positional=False, dropout=dropout, init=init, rngs=rngs)
     self.decoder_embedding = DataEmbedding(num_variates, num_time_features, d_model,
-                                           dropout=dropout, init=init, rngs=rngs)
+                                           positional=False, dropout=dropout, init=init, rngs=rngs)
     self.encoder_layers = nnx.List([
         EncoderLayer(d_model, d_ff, num_heads, **layer_kwargs)
         for _ in range(int(config.get("encoder_layers", 2)))])

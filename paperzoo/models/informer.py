@@ -109,9 +109,9 @@ import numpy as np
 from flax import nnx
 
 from paperzoo.layers.attention import Dropout, MultiHeadAttention
+from paperzoo.layers.embedding import DataEmbedding
 from paperzoo.layers.initializers import check_init_scheme, dense
 from paperzoo.layers.transformer import activation_fn, layer_norm
-from paperzoo.models.autoformer import CircularConv3
 from paperzoo.registry import MODELS
 
 CROSS_ATTENTIONS = ("full", "probsparse")
@@ -248,37 +248,6 @@ class DistillingLayer(nnx.Module):
     taps = jnp.concatenate([jnp.roll(x, 1, axis=1), x, jnp.roll(x, -1, axis=1)], axis=-1)
     h = self.norm(self.conv(taps), use_running_average=not train)
     return max_pool_halve(jax.nn.elu(h))
-
-
-def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
-  """PE [L, d]: PE(t, 2i) = sin(t w_i), PE(t, 2i+1) = cos(t w_i), w_i = 10000^(-2i/d)."""
-  position = np.arange(length, dtype=np.float64)[:, None]
-  frequency = np.exp(np.arange(0, d_model, 2, dtype=np.float64) * -(math.log(10000.0) / d_model))
-  table = np.zeros((length, d_model), np.float64)
-  table[:, 0::2] = np.sin(position * frequency)
-  table[:, 1::2] = np.cos(position * frequency)[:, :d_model // 2]
-  return table.astype(np.float32)
-
-
-class DataEmbedding(nnx.Module):
-  """Dropout(TokenConv(x) + PE + Linear_nobias(x_mark)) (the reference's timeF embedding)."""
-
-  def __init__(self, num_variates: int, num_time_features: int, d_model: int, *,
-               dropout: float, init: str, rngs: nnx.Rngs):
-    self.d_model = d_model
-    self.value_embedding = CircularConv3(num_variates, d_model, names=(None, "embed"),
-                                         init=init, kaiming_leaky_relu=True, rngs=rngs)
-    self.time_embedding = (
-        dense(num_time_features, d_model, names=(None, "embed"), init=init, use_bias=False,
-              rngs=rngs) if num_time_features else None)
-    self.dropout = Dropout(dropout)
-
-  def __call__(self, x: jax.Array, x_mark: jax.Array | None, *, train: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
-    h = self.value_embedding(x) + sinusoidal_positions(x.shape[1], self.d_model)
-    if self.time_embedding is not None:
-      h = h + self.time_embedding(x_mark)
-    return self.dropout(h, deterministic=not train, rngs=rngs)
 
 
 class FeedForward(nnx.Module):

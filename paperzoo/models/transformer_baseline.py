@@ -7,7 +7,7 @@ An encoder-decoder over time-step tokens (each token mixes all C variates of one
       E(s, m) = Dropout(TokenConv(s) + PE + Linear_nobias(m))
     TokenConv: a kernel-3 circular Conv1d C -> d_model without bias (Kaiming-normal leaky-relu
     init when init = "torch"), i.e. one linear map of [s_{t-1}, s_t, s_{t+1}] with circular
-    indices (`paperzoo.models.autoformer.CircularConv3`); PE: the fixed sinusoidal encoding
+    indices (`paperzoo.layers.embedding.CircularConv3`); PE: the fixed sinusoidal encoding
     (Sec. 3.5, `paperzoo.layers.transformer.sinusoidal_positions`); Linear_nobias(m): TSLib's
     "timeF" time-feature embedding.
   Encoder (Sec. 3.1), over the lookback x [L, C]:
@@ -56,36 +56,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import check_init_scheme, dense
-from paperzoo.layers.transformer import Decoder, Encoder, causal_mask, sinusoidal_positions
-from paperzoo.models.autoformer import CircularConv3
+from paperzoo.layers.embedding import DataEmbedding
+from paperzoo.layers.transformer import Decoder, Encoder, causal_mask
 from paperzoo.registry import MODELS
-
-
-class DataEmbedding(nnx.Module):
-  """TSLib's `DataEmbedding`: Dropout(TokenConv(x) + PE + Linear_nobias(x_mark)).
-
-  Autoformer's embedding (`paperzoo.models.autoformer.DataEmbedding`) is the same without PE.
-  """
-
-  def __init__(self, num_variates: int, num_time_features: int, d_model: int, *,
-               dropout: float, init: str, rngs: nnx.Rngs):
-    self.d_model = d_model
-    self.value_embedding = CircularConv3(num_variates, d_model, names=(None, "embed"),
-                                         init=init, kaiming_leaky_relu=True, rngs=rngs)
-    self.time_embedding = (
-        dense(num_time_features, d_model, names=(None, "embed"), init=init, use_bias=False,
-              rngs=rngs) if num_time_features else None)
-    self.dropout = Dropout(dropout)
-
-  def __call__(self, x: jax.Array, x_mark: jax.Array | None, *, train: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
-    """x [B, T, C], x_mark [B, T, F] (or None) -> [B, T, d_model]."""
-    h = self.value_embedding(x) + sinusoidal_positions(x.shape[1], self.d_model).astype(x.dtype)
-    if self.time_embedding is not None and x_mark is not None:
-      h = h + self.time_embedding(x_mark)
-    return self.dropout(h, deterministic=not train, rngs=rngs)
 
 
 @MODELS.register("transformer")
