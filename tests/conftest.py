@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # CI sets PAPERZOO_DATA_DIR=../shared/data; a developer checkout finds the same place by default.
 os.environ.setdefault("PAPERZOO_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+
+# A persistent XLA cache, one per pytest-xdist worker (JAX writes entries without a lock, so
+# workers must not share one). Tests that start the same training in subprocesses (resume after
+# SIGKILL/SIGTERM) then compile it once instead of once per process. Entries are keyed by the
+# program, the flags and the jax version, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "paperzoo_test_jax_cache",
+    os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 
 @pytest.fixture(autouse=True)

@@ -21,3 +21,14 @@ def test_forecasting_speed_benchmark_runs(tmp_path):
   assert row["model"] == "dlinear" and row["epochs"] == 1
   assert 0 < row["fraction_of_floor"] < 1.5
   assert row["epoch_gflop"] > 0 and row["test_mse"] < 1.0
+
+
+def test_forecasting_speed_benchmark_knows_every_forecasting_model():
+  from experiments import forecasting_grid  # pylint: disable=g-import-not-at-top
+  assert {"itransformer", "dlinear", "patchtst", "autoformer", "smamba", "informer",
+          "transformer"} <= set(forecasting_grid.default_models())
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks.forecasting_speed", "--models=dlinaer"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "unknown model 'dlinaer'; valid: itransformer" in result.stderr + result.stdout

@@ -1,6 +1,7 @@
 r"""Training speed of the forecasting models at the ETTh1 settings, against the reference.
 
   python -m experiments.benchmarks.forecasting_speed [--models=itransformer,dlinear] [--repeats=1]
+  python -m experiments.benchmarks.forecasting_speed --models=all   # every forecasting config
 
 For each model it runs the paper's full protocol (`experiments/configs/<model>.py:data=etth1,
 pred_len=96`: 10 epochs, validation each epoch, early stopping, test on the best checkpoint)
@@ -9,14 +10,14 @@ through `paperzoo.train_and_evaluate`, and prints:
     steps/s, and the whole run's wall time (from the call to results, compilation included);
   * the fraction of this machine's floor: the train step's FLOPs (XLA's cost analysis of the
     forward pass x 3 for forward + backward) over the float32 matmul throughput measured here;
-  * the ratio to PyTorch baselines timed in this same run (`torch_reference.py`: the same
+  * for iTransformer and DLinear, the ratio to PyTorch baselines timed in this same run (`torch_reference.py`: the same
     model, sizes, data order and optimizer in PyTorch; needs `pip install torch`, which is not
     a paperzoo dependency): "reference", the operations of Time-Series-Library's code (its
     feed-forward is a kernel-1 Conv1d), and "linear", the same model with nn.Linear there,
     which is faster in PyTorch. Each times one training epoch and one validation + test pass,
     from which the reference protocol's whole run (validation and test after every epoch) is
     estimated;
-  * the ratio to the reference times recorded in ../shared/design/FORECASTING_PROTOCOL.md
+  * for those two, the ratio to the reference times recorded in ../shared/design/FORECASTING_PROTOCOL.md
     (Time-Series-Library, torch 2.13, measured on another machine of this type);
   * the test MSE, so a speed-up is never bought with accuracy.
 """
@@ -37,17 +38,17 @@ from flax import nnx
 
 import paperzoo
 from experiments.benchmarks import torch_reference
-from experiments.configs import dlinear, itransformer
+from experiments import forecasting_grid
 from paperzoo import trainer
 from paperzoo.registry import MODELS, TASKS
 
-_MODELS = flags.DEFINE_list("models", ["itransformer", "dlinear"], "Models to time.")
+_MODELS = flags.DEFINE_list("models", ["itransformer", "dlinear"],
+                            "Models to time (forecasting configs), or 'all'.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Full runs per model (the median is reported).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _EPOCHS = flags.DEFINE_integer("epochs", 0, "Train this many epochs instead of the config's "
                                "(0: the paper's protocol); for a quick check of the script.")
 
-CONFIGS = {"itransformer": itransformer, "dlinear": dlinear}
 # Time-Series-Library as recorded in FORECASTING_PROTOCOL.md: seconds per training epoch, and
 # the whole 10-epoch run with validation and test after every epoch.
 RECORDED_REFERENCE = {"itransformer": {"epoch_seconds": 6.3, "run_seconds": 80.0, "test_mse": 0.3863},
@@ -86,7 +87,9 @@ def torch_baseline(name: str) -> dict[str, dict] | None:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
-  config = CONFIGS[name].get_config("data=etth1,pred_len=96")
+  if name not in torch_reference.MODELS:
+    return None
+  config = etth1_config(name)
   task = TASKS.get(config.task.name)(config)
   batch_size = config.train.batch_size
   steps_per_epoch = len(task.splits["train"]) // batch_size
@@ -97,8 +100,13 @@ def torch_baseline(name: str) -> dict[str, dict] | None:
           for variant, ffn in variants.items()}
 
 
+def etth1_config(name: str):
+  """The model's protocol config at the ETTh1 settings (lookback 96, horizon 96)."""
+  return forecasting_grid.load_config(name, "data=etth1,pred_len=96")
+
+
 def run_once(name: str) -> dict:
-  config = CONFIGS[name].get_config("data=etth1,pred_len=96")
+  config = etth1_config(name)
   config.train.progress_bar = False
   config.train.plots = False
   if _EPOCHS.value:
@@ -116,16 +124,20 @@ def main(argv):
   gflops = matmul_gflops()
   print(f"machine: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}"
         f", float32 matmul {gflops:.0f} GFLOP/s (measured now)")
+  valid = forecasting_grid.default_models()
+  names = valid if _MODELS.value == ["all"] else _MODELS.value
+  for name in names:
+    if name not in valid:
+      raise app.UsageError(f"unknown model {name!r}; valid: {', '.join(valid)} (or all)")
   rows = []
-  for name in _MODELS.value:
-    if name not in CONFIGS:
-      raise app.UsageError(f"unknown model {name!r}; valid: {', '.join(CONFIGS)}")
+  for name in names:
     runs = [run_once(name) for _ in range(_REPEATS.value)]
     run = sorted(runs, key=lambda r: r["epoch_seconds"])[len(runs) // 2]
-    step_gflop = train_step_gflop(CONFIGS[name].get_config("data=etth1,pred_len=96"))
+    step_gflop = train_step_gflop(etth1_config(name))
     epoch_gflop = step_gflop * run["steps_per_epoch"]
     floor = epoch_gflop / gflops
-    ref = RECORDED_REFERENCE[name]
+    ref = RECORDED_REFERENCE.get(name, {"epoch_seconds": None, "run_seconds": None,
+                                        "test_mse": None})
     torch_times = torch_baseline(name)
     row = {
         "model": name, "epoch_seconds": run["epoch_seconds"],
@@ -134,7 +146,8 @@ def main(argv):
         "compile_seconds": run["seconds"]["compile"], "eval_seconds": run["seconds"]["eval"],
         "epoch_gflop": epoch_gflop, "floor_seconds": floor,
         "fraction_of_floor": floor / run["epoch_seconds"],
-        "epoch_speedup_vs_reference": ref["epoch_seconds"] / run["epoch_seconds"],
+        "epoch_speedup_vs_reference": (ref["epoch_seconds"] / run["epoch_seconds"]
+                                       if ref["epoch_seconds"] else None),
         "run_speedup_vs_reference": (ref["run_seconds"] / run["run_seconds"]
                                      if ref["run_seconds"] else None),
         "test_mse": run["test"]["mse"], "reference_test_mse": ref["test_mse"],
@@ -156,13 +169,15 @@ def main(argv):
             f"threads): {times['train_epoch']:.2f} s/epoch -> {times['epoch_speedup']:.2f}x "
             f"faster per epoch; its protocol's whole run (val + test every epoch, "
             f"{row['epochs']:.0f} epochs) ~{torch_run:.0f} s -> {times['run_speedup']:.2f}x faster")
-    if not torch_times:
+    if torch_times is None and name in torch_reference.MODELS:
       print("  PyTorch baseline skipped: torch is not installed (pip install torch)")
-    print(f"  recorded reference (TSLib, other machine): {ref['epoch_seconds']} s/epoch -> "
-          f"{row['epoch_speedup_vs_reference']:.2f}x faster per epoch"
-          + (f"; whole run {ref['run_seconds']:.0f} s -> "
-             f"{row['run_speedup_vs_reference']:.2f}x faster" if ref["run_seconds"] else ""))
-    print(f"  test MSE {row['test_mse']:.4f} (reference run {ref['test_mse']})")
+    if ref["epoch_seconds"]:
+      print(f"  recorded reference (TSLib, other machine): {ref['epoch_seconds']} s/epoch -> "
+            f"{row['epoch_speedup_vs_reference']:.2f}x faster per epoch"
+            + (f"; whole run {ref['run_seconds']:.0f} s -> "
+               f"{row['run_speedup_vs_reference']:.2f}x faster" if ref["run_seconds"] else ""))
+    print(f"  test MSE {row['test_mse']:.4f}"
+          + (f" (reference run {ref['test_mse']})" if ref["test_mse"] else ""))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"jax_version": jax.__version__, "matmul_gflops": gflops, "rows": rows}, f,

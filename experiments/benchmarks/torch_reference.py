@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+# The models with a PyTorch baseline here.
+MODELS = ("itransformer", "dlinear")
+
 
 def _build(name: str, config: Any, *, num_variates: int, num_time_features: int, ffn: str):
   import torch  # pylint: disable=g-import-not-at-top
@@ -93,7 +96,7 @@ def _build(name: str, config: Any, *, num_variates: int, num_time_features: int,
       return (self.seasonal(seasonal) + self.trend(trend)).permute(0, 2, 1)
 
   torch.manual_seed(config.seed)
-  model = {"itransformer": ITransformer, "dlinear": DLinear}[name](config.model)
+  model = {"itransformer": ITransformer, "dlinear": DLinear}[name](config.model)  # = MODELS
   return model, torch.optim.Adam(model.parameters(), lr=config.optimizer.learning_rate)
 
 

@@ -94,29 +94,15 @@ def load_cifar10_zip(path: str | os.PathLike, *, sha256: str | None = None
   path = pathlib.Path(path)
   sha256 = sha256 or files.file_sha256(path)
   cached = files.cache_dir("images") / f"cifar10_v{_CACHE_VERSION}_{sha256[:24]}.npz"
-  if cached.exists():
-    try:
-      return _read_npz(cached)
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
-      # An unreadable entry (e.g. a disk that filled up mid-copy) is rebuilt, not trusted.
-      pass
-  splits = decode_cifar10_zip(path)
 
-  def write(tmp: pathlib.Path) -> None:
-    # A file object, because np.savez appends ".npz" to a path that lacks it.
-    with open(tmp, "wb") as stream:
-      np.savez(stream, **{f"{name}_{kind}": array for name, arrays in splits.items()
-                          for kind, array in zip(("images", "labels"), arrays)})
+  def build() -> dict[str, np.ndarray]:
+    return {f"{name}_{kind}": array for name, arrays in decode_cifar10_zip(path).items()
+            for kind, array in zip(("images", "labels"), arrays)}
 
-  files.atomic_write(cached, write)
-  return splits
-
-
-def _read_npz(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  with np.load(path, allow_pickle=False) as npz:
-    present = {key.rsplit("_", 1)[0] for key in npz.files}
-    names = [name for name in CIFAR10_SPLITS if name in present]  # decode_cifar10_zip's order
-    return {name: (npz[f"{name}_images"], npz[f"{name}_labels"]) for name in names}
+  arrays = files.cached_arrays(cached, build)
+  present = {key.rsplit("_", 1)[0] for key in arrays}
+  names = [name for name in CIFAR10_SPLITS if name in present]  # decode_cifar10_zip's order
+  return {name: (arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in names}
 
 
 def decode_cifar10_zip(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:

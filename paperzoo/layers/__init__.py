@@ -25,8 +25,7 @@ refuses to create an annotated variable.
 from __future__ import annotations
 
 from paperzoo.layers.attention import (ATTENTION_IMPLS, Dropout, MultiHeadAttention,
-                                       dot_product_attention, reference_attention,
-                                       threefry_random_bits)
+                                       dot_product_attention, reference_attention)
 from paperzoo.layers.initializers import (INIT_SCHEMES, dense, torch_linear_bias_init,
                                           torch_linear_kernel_init)
 from paperzoo.layers.normalization import denormalize_series, normalize_series
@@ -48,7 +47,6 @@ __all__ = [
     "normalize_series",
     "dot_product_attention",
     "reference_attention",
-    "threefry_random_bits",
     "torch_linear_bias_init",
     "torch_linear_kernel_init",
 ]

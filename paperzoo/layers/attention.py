@@ -48,53 +48,13 @@ _MASK_BITS = 16
 _MASK_LEVELS = 1 << _MASK_BITS
 
 
-# Threefry-2x32's rotation constants (Salmon et al., "Parallel random numbers: as easy as 1, 2,
-# 3", SC 2011, Table 4), alternating between groups of four rounds, and its key-schedule parity.
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = 0x1BD11BDA
-
-
-def threefry_random_bits(key: jax.Array, num_words: int) -> jax.Array:
-  """`jax.random.bits(key, (num_words,), jnp.uint32)` for a threefry2x32 key, bit for bit.
-
-  Threefry-2x32 with 20 rounds (Salmon et al., 2011) on the counters (0, i), i < num_words,
-  returning the xor of the two output words, which is what JAX's partitionable threefry
-  (`jax_threefry_partitionable`, the default) computes. It is written out as straight-line
-  `jnp` code because XLA's CPU lowering of `jax.random.bits` runs the 20 rounds as a loop of 5
-  kernels, each a pass over memory; unrolled, XLA fuses them into one elementwise loop that costs
-  about a quarter as much (3 vs 12 ms of CPU time for 436k words here).
-  """
-  k0, k1 = (jnp.asarray(k, jnp.uint32) for k in jax.random.key_data(key))
-  schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(_THREEFRY_PARITY))
-  x0 = jnp.zeros((num_words,), jnp.uint32) + schedule[0]  # counter high words: 0
-  x1 = jax.lax.iota(jnp.uint32, num_words) + schedule[1]  # counter low words: i
-  for group in range(5):
-    for rotation in _THREEFRY_ROTATIONS[group % 2]:
-      x0 = x0 + x1
-      x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
-      x1 = x0 ^ x1
-    x0 = x0 + schedule[(group + 1) % 3]
-    x1 = x1 + schedule[(group + 2) % 3] + jnp.uint32(group + 1)
-  return x0 ^ x1
-
-
-def _random_words(key: jax.Array, num_words: int) -> jax.Array:
-  """num_words uniform uint32 words from `key`, through the unrolled threefry when it applies."""
-  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
-  if impl == "threefry2x32" and jax.config.jax_threefry_partitionable:
-    return threefry_random_bits(key, num_words)
-  return jax.random.bits(key, (num_words,), jnp.uint32)
-
-
 class Dropout(nnx.Dropout):
   """`nnx.Dropout` (same constructor and call) that draws half as many random words, faster.
 
   `nnx.Dropout` compares a float uniform per element, one 32-bit word of the generator each; on
   CPU the generator (threefry) dominates the cost of dropout, about a fifth of an iTransformer
-  training step. Here each 32-bit word of `jax.random.bits(key)` (whatever PRNG the key uses;
-  for threefry keys computed by `threefry_random_bits`, the same bits at a quarter of the cost)
-  gives two independent 16-bit uniforms u, and an element is dropped when
+  training step. Here each 32-bit word of `jax.random.bits(key)` gives two independent 16-bit
+  uniforms u, and an element is dropped when
   u < round(rate * 2^16): the realized rate is within 2^-17 of `rate`, and kept values are
   scaled by the realized keep probability, so E[dropout(x)] = x exactly. Masks with
   `broadcast_dims` fall back to `nnx.Dropout`.
@@ -121,7 +81,7 @@ class Dropout(nnx.Dropout):
       raise TypeError(f"Dropout needs rngs (Rngs, RngStream or a key) when training, "
                       f"got {type(rngs)}")
     size = inputs.size
-    words = _random_words(key, -(-size // 2))
+    words = jax.random.bits(key, (-(-size // 2),), jnp.uint32)
     uniforms = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
     keep = uniforms.reshape(inputs.shape) >= drop_threshold
     scale = _MASK_LEVELS / (_MASK_LEVELS - drop_threshold)

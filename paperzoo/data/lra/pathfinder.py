@@ -51,7 +51,7 @@ Timings (numpy, one core of a shared 2-core machine): 20,000 images at 32x32 in 
 (LRA's 200,000 in under two minutes).
 
 `load` caches the three splits (uint8 images, int32 labels) in one `.npz` under
-`cache_dir("lra", "pathfinder")`, named by every argument; `save_examples_png` draws a grid.
+`cache_dir("lra", "pathfinder")`, named by every argument.
 
     images, labels = generate(1_000, seed=0)  # uint8 [1000, 32, 32], int32 [1000]
 """
@@ -59,8 +59,6 @@ Timings (numpy, one core of a shared 2-core machine): 20,000 images at 32x32 in 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-import zipfile
 
 import numpy as np
 
@@ -378,48 +376,14 @@ def load(num_train: int, num_val: int, num_test: int, *, resolution: int = 32,
   path = files.cache_dir("lra", "pathfinder") / (
       f"pathfinder_v{_CACHE_VERSION}_train{num_train}_val{num_val}_test{num_test}"
       f"_res{resolution}_len{contour_length}_distractors{num_distractors}_seed{seed}.npz")
-  if path.exists():
-    try:
-      return _read(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-      pass  # An unreadable entry (e.g. a disk that filled up mid-write) is rebuilt.
-  splits = {name: generate(size, resolution=resolution, contour_length=contour_length,
-                           seed=split_seed(seed, name), num_distractors=num_distractors)
-            for name, size in sizes.items()}
 
-  def write(tmp: pathlib.Path) -> None:
-    # A file object, because np.savez appends ".npz" to a path that lacks it.
-    with open(tmp, "wb") as stream:
-      np.savez_compressed(stream, **{f"{name}_{kind}": array for name, arrays in splits.items()
-                                     for kind, array in zip(("images", "labels"), arrays)})
+  def build() -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, size in sizes.items():
+      arrays[f"{name}_images"], arrays[f"{name}_labels"] = generate(
+          size, resolution=resolution, contour_length=contour_length,
+          seed=split_seed(seed, name), num_distractors=num_distractors)
+    return arrays
 
-  files.atomic_write(path, write)
-  return splits
-
-
-def _read(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  with np.load(path, allow_pickle=False) as npz:
-    return {name: (npz[f"{name}_images"], npz[f"{name}_labels"]) for name in SPLITS}
-
-
-def save_examples_png(images: np.ndarray, labels: np.ndarray, path: str | pathlib.Path, *,
-                      n: int = 8) -> pathlib.Path:
-  """The first `n` images in a grid (at most 8 per row), titled with their labels."""
-  # A bare Figure renders with Agg on savefig and leaves pyplot's global backend alone.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  n = min(n, len(images))
-  columns = min(n, 8)
-  rows = -(-n // columns)
-  fig = Figure(figsize=(1.6 * columns, 1.8 * rows))
-  axes = fig.subplots(rows, columns, squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, image, label in zip(axes.flat, images[:n], labels[:n]):
-    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(f"label {int(label)} ({'connected' if label else 'apart'})", fontsize=7)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  return path
+  arrays = files.cached_arrays(path, build, compresslevel=1)
+  return {name: (arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in SPLITS}
