@@ -60,8 +60,10 @@ ENTRIES: tuple[Entry, ...] = (
     # Vision: the tiny MNIST variants (target: at least 96%), then CIFAR-10 (GPU).
     *(Entry(f"mnist/{model}", "Vision, MNIST 8k/2k (CPU)", model, "data=mnist", None,
             "target >= 0.96 (issue 5)")
-      for model in ("vit", "poolformer", "swin", "biformer")),
+      for model in ("vit", "poolformer", "swin", "biformer", "cvt", "t2t_vit")),
     Entry("mnist/vit-agent", "Vision, MNIST 8k/2k (CPU)", "vit", "data=mnist,mixer=agent", None,
+          "target >= 0.96 (issue 5)"),
+    Entry("mnist/swin-agent", "Vision, MNIST 8k/2k (CPU)", "agent", "data=mnist", None,
           "target >= 0.96 (issue 5)"),
     Entry("cifar10/vit", "Vision, CIFAR-10 (GPU)", "vit", "data=cifar10", None,
           "target >= 0.85 (issue 5)"),

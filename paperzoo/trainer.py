@@ -328,6 +328,14 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "mesh": dict(mesh.shape),
   }
+  predict_fn = jax.jit(lambda params, extra, inputs: nnx.merge(graphdef, params, extra)(
+      inputs, train=False, rngs=None))
+
+  def predict(inputs):  # the best checkpoint's model, for the task's final scores and pictures
+    return predict_fn(best_state[eval_params_key], best_state["extra"], inputs)
+
+  if hasattr(task, "final_metrics"):  # optional: scores that need the model, e.g. of samples
+    results["final_metrics"] = task.final_metrics(predict, workdir)
   writer.write(results["best_step"], "test", results["test"])
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   _report(f"test (best checkpoint, step {results['best_step']}): "
@@ -336,11 +344,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   if config.train.plots:
     plots.loss_curves(metric_writers.read_metrics(workdir), workdir / "loss_curves.png",
                       selection_metric=task.selection_metric)
-    predict = jax.jit(lambda params, extra, inputs: nnx.merge(graphdef, params, extra)(
-        inputs, train=False, rngs=None))
-    task.write_pictures(
-        lambda inputs: predict(best_state[eval_params_key], best_state["extra"], inputs),
-        workdir)
+    task.write_pictures(predict, workdir)
   return results
 
 

@@ -14,7 +14,16 @@ needs exactly this from it:
   summarize(sums) -> dict          metrics from the sums over a whole split
   write_pictures(predict, workdir) task-specific plots; `predict(batch)` runs the model
 
+Optional:
+  final_metrics(predict, workdir) -> dict   scores that need the trained model beyond the
+                                   evaluation sums (e.g. of generated samples); called once
+                                   after the final test with the best checkpoint's `predict`,
+                                   stored as results["final_metrics"] in results.json
+
 Everything is jit-compiled by the trainer, so `loss` and `eval_sums` must be traceable.
 """
 
 from paperzoo.tasks import classification, forecasting  # noqa: F401  (register the tasks)
+from paperzoo.tasks import generation  # noqa: F401  (the "diffusion" task)
+from paperzoo.tasks import tokenizer  # noqa: F401  (the "tokenizer" task: VQ autoencoders)
+from paperzoo.tasks import next_scale  # noqa: F401  (the "next_scale" task: VAR's transformer)
