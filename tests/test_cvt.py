@@ -20,7 +20,7 @@ def _np(x):
 
 
 def _np_depthwise(image, kernel, stride):
-  """Zero-padded (k // 2) depthwise convolution written as a loop: [B, H, W, C] -> [B, H', W', C]."""
+  """Zero-padded (k // 2) depthwise convolution as a loop: [B, H, W, C] -> [B, H', W', C]."""
   k = kernel.shape[0]
   pad = k // 2
   padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -72,7 +72,7 @@ def test_conv_projection_attention_matches_the_equations(norm, train):
   rng = np.random.default_rng(0)
   mixer = cvt.ConvProjectionAttention(8, num_heads=2, kernel=3, kv_stride=2, norm=norm,
                                       class_token=True, dropout_rate=0.0, impl="xla",
-                                      init="torch", rngs=nnx.Rngs(0))
+                                      init="lecun", rngs=nnx.Rngs(0))
   for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):  # non-trivial norm parameters
     conv.norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
     conv.norm.bias[...] = jnp.asarray(rng.normal(size=8), jnp.float32)
@@ -98,8 +98,21 @@ def _config(**overrides):
                      "init": "lecun", **overrides})
 
 
+def _abstract(config, input_shape):
+  """The model built with shapes only: checks of its structure and of construction errors need
+  no values (eager initialization compiles one program per parameter shape, seconds here)."""
+  return nnx.eval_shape(lambda: MODELS.get("cvt")(config, num_classes=3,
+                                                  input_shape=input_shape, rngs=nnx.Rngs(0)))
+
+
+# The single-stage model the gradient and image-size tests share (shared parameter shapes
+# initialize once per process).
+_ONE_STAGE = dict(depths=(1,), dims=(8,), embed_kernels=(5,), embed_strides=(2,),
+                  embed_paddings=(2,))
+
+
 def test_stages_shrink_odd_maps_with_heads_from_the_head_width():
-  model = MODELS.get("cvt")(_config(), num_classes=3, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
+  model = _abstract(_config(), (28, 28, 1))
   assert model.grids == ((14, 14), (7, 7))
   first, last = model.stages[0][0].mixer, model.stages[1][0].mixer
   assert (first.num_heads, last.num_heads) == (2, 4)  # widths 8 and 16, head width 4
@@ -109,9 +122,8 @@ def test_stages_shrink_odd_maps_with_heads_from_the_head_width():
 
 def test_gradients_are_finite_and_reach_the_class_token():
   # One stage (compiling a gradient costs seconds per block here); BatchNorm in training mode.
-  config = _config(depths=(1,), dims=(8,), embed_kernels=(5,), embed_strides=(2,),
-                   embed_paddings=(2,))
-  model = MODELS.get("cvt")(config, num_classes=3, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
+  model = MODELS.get("cvt")(_config(**_ONE_STAGE), num_classes=3, input_shape=(28, 28, 1),
+                            rngs=nnx.Rngs(0))
   images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 28, 28, 1)), jnp.float32)
   # Plain dicts, as the trainer passes them: BatchNorm's statistics update inside the trace.
   graphdef, params, extra = nnx.split(model, nnx.Param, ...)
@@ -129,12 +141,10 @@ def test_gradients_are_finite_and_reach_the_class_token():
 
 
 def test_no_positional_encoding_so_one_set_of_weights_takes_any_image_size():
-  config = _config(depths=(1,), dims=(8,), embed_kernels=(5,), embed_strides=(2,),
-                   embed_paddings=(2,), pool="mean", projection_norm="layer")
-  model = MODELS.get("cvt")(config, num_classes=3, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
-  other = MODELS.get("cvt")(config, num_classes=3, input_shape=(33, 33, 1), rngs=nnx.Rngs(0))
+  config = _config(pool="mean", projection_norm="layer", **_ONE_STAGE)
   shapes = lambda m: jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-  assert shapes(model) == shapes(other)  # no table sized by the image
+  assert shapes(_abstract(config, (28, 28, 1))) == shapes(_abstract(config, (33, 33, 1)))
+  model = MODELS.get("cvt")(config, num_classes=3, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda images: nnx.merge(graphdef, state)({"inputs": images}, train=False))
   logits = forward(jnp.ones((1, 33, 33, 1)))  # the model built for 28 x 28, on 33 x 33
@@ -144,18 +154,14 @@ def test_no_positional_encoding_so_one_set_of_weights_takes_any_image_size():
 def test_image_sizes_and_settings_the_config_cannot_take_are_refused():
   # Stride 4 with kernel 3 and no padding leaves the last row of 28 out of every window.
   with pytest.raises(ValueError, match="token embedding of stage 1 .* leave the last 1 real"):
-    MODELS.get("cvt")(_config(embed_kernels=(3, 3), embed_strides=(4, 2),
-                              embed_paddings=(0, 1)), num_classes=3, input_shape=(28, 28, 1),
-                      rngs=nnx.Rngs(0))
+    _abstract(_config(embed_kernels=(3, 3), embed_strides=(4, 2), embed_paddings=(0, 1)),
+              (28, 28, 1))
   with pytest.raises(ValueError, match="smaller than the kernel"):
-    MODELS.get("cvt")(_config(embed_paddings=(0, 1)), num_classes=3, input_shape=(4, 4, 1),
-                      rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="key/value projection"):  # stride 3 skips a 12 map's last column
-    MODELS.get("cvt")(_config(kv_stride=3), num_classes=3, input_shape=(24, 24, 1),
-                      rngs=nnx.Rngs(0))
+    _abstract(_config(embed_paddings=(0, 1)), (4, 4, 1))
+  # Keys and values at stride 3 skip the last column of stage 1's 12 x 12 map.
+  with pytest.raises(ValueError, match="key/value projection"):
+    _abstract(_config(kv_stride=3), (24, 24, 1))
   with pytest.raises(ValueError, match="use pool='mean'"):
-    MODELS.get("cvt")(_config(mixer="window"), num_classes=3, input_shape=(28, 28, 1),
-                      rngs=nnx.Rngs(0))
+    _abstract(_config(mixer="window"), (28, 28, 1))
   with pytest.raises(ValueError, match="valid: conv_attention, attention"):
-    MODELS.get("cvt")(_config(mixer="conv"), num_classes=3, input_shape=(28, 28, 1),
-                      rngs=nnx.Rngs(0))
+    _abstract(_config(mixer="conv"), (28, 28, 1))

@@ -71,11 +71,25 @@ def _config(**overrides):
                      "layer_scale_init": 0.0, "init": "lecun", **overrides})
 
 
-def test_tokens_to_token_restructurizes_row_major_and_splits_again():
-  # Two soft splits around one T2T layer, on an odd image (9 x 7 -> 5 x 4 -> 3 x 2).
-  model = MODELS.get("t2t_vit")(_config(t2t_kernels=(3, 3), t2t_strides=(2, 2),
-                                        t2t_paddings=(1, 1)),
-                                num_classes=3, input_shape=(9, 7, 2), rngs=nnx.Rngs(0))
+def _abstract(config, input_shape):
+  """The model built with shapes only: checks of its structure and of construction errors need
+  no values (eager initialization compiles one program per parameter shape, seconds here)."""
+  return nnx.eval_shape(lambda: MODELS.get("t2t_vit")(config, num_classes=3,
+                                                      input_shape=input_shape,
+                                                      rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def two_split_model():
+  """Two soft splits around one T2T layer, on an odd image (9 x 7 -> 5 x 4 -> 3 x 2), learned
+  positions; built once for the tests that need values."""
+  return MODELS.get("t2t_vit")(_config(t2t_kernels=(3, 3), t2t_strides=(2, 2),
+                                       t2t_paddings=(1, 1), positions="learned"),
+                               num_classes=3, input_shape=(9, 7, 2), rngs=nnx.Rngs(0))
+
+
+def test_tokens_to_token_restructurizes_row_major_and_splits_again(two_split_model):
+  model = two_split_model
   assert model.grid == (3, 2)
   image = np.random.default_rng(1).standard_normal((2, 9, 7, 2)).astype(np.float32)
   graphdef, state = nnx.split(model)
@@ -89,25 +103,22 @@ def test_tokens_to_token_restructurizes_row_major_and_splits_again():
   first, first_grid = _np_unfold(image, 3, 2, 1)
   assert first_grid == (5, 4)
   tokens, layer_out = (np.asarray(a) for a in run(jnp.asarray(image), jnp.asarray(first)))
-  grid = model.grid
   assert layer_out.shape == (2, 20, 8)  # C k^2 = 18 -> t2t_dim
+  # Re-structurize (row-major 5 x 4 map), then the second soft split.
   expected, expected_grid = _np_unfold(layer_out.reshape(2, 5, 4, 8), 3, 2, 1)
-  assert grid == expected_grid == (3, 2)
+  assert model.grid == expected_grid == (3, 2)
   np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_token_counts_for_mnist_and_cifar():
   for shape, grid in (((28, 28, 1), (7, 7)), ((32, 32, 3), (8, 8))):
-    model = MODELS.get("t2t_vit")(_config(), num_classes=3, input_shape=shape,
-                                  rngs=nnx.Rngs(0))
+    model = _abstract(_config(), shape)
     assert model.grid == grid
-    assert model.project.kernel[...].shape == (8 * 3 * 3, 16)  # t2t_dim k^2 -> d_model
+    assert model.project.kernel.shape == (8 * 3 * 3, 16)  # t2t_dim k^2 -> d_model
 
 
-def test_gradients_reach_every_parameter_and_are_finite():
-  model = MODELS.get("t2t_vit")(_config(t2t_kernels=(3, 3), t2t_strides=(2, 2),
-                                        t2t_paddings=(1, 1), positions="learned"),
-                                num_classes=3, input_shape=(9, 7, 2), rngs=nnx.Rngs(0))
+def test_gradients_are_finite_and_reach_the_first_t2t_layer(two_split_model):
+  model = two_split_model
   assert model.positions[...].shape == (3 * 2 + 1, 16)  # the tokens and the class token
   images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, 7, 2)), jnp.float32)
   graphdef, params = nnx.split(model, nnx.Param)
@@ -126,16 +137,12 @@ def test_image_sizes_and_settings_the_model_cannot_take_are_refused():
   # Without padding, a 3x3 stride-2 soft split covers a side of 31 (15 windows) but leaves
   # the last row and column of 32 out.
   unpadded = _config(t2t_kernels=(3, 3, 3), t2t_paddings=(0, 1, 1))
-  assert MODELS.get("t2t_vit")(unpadded, num_classes=3, input_shape=(31, 31, 1),
-                               rngs=nnx.Rngs(0)).grid == (8, 8)
+  assert _abstract(unpadded, (31, 31, 1)).grid == (8, 8)
   with pytest.raises(ValueError, match="soft split 1 of 3 on the 32x32 map .* leave the last 1"):
-    MODELS.get("t2t_vit")(unpadded, num_classes=3, input_shape=(32, 32, 1), rngs=nnx.Rngs(0))
+    _abstract(unpadded, (32, 32, 1))
   with pytest.raises(ValueError, match="soft split 3 of 3 on the 1x1 map"):
-    MODELS.get("t2t_vit")(_config(t2t_paddings=(2, 1, 0)), num_classes=3,
-                          input_shape=(4, 4, 1), rngs=nnx.Rngs(0))
+    _abstract(_config(t2t_paddings=(2, 1, 0)), (4, 4, 1))
   with pytest.raises(ValueError, match="same length"):
-    MODELS.get("t2t_vit")(_config(t2t_strides=(2, 2)), num_classes=3,
-                          input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
+    _abstract(_config(t2t_strides=(2, 2)), (28, 28, 1))
   with pytest.raises(ValueError, match="use pool='mean'"):
-    MODELS.get("t2t_vit")(_config(mixer="window"), num_classes=3, input_shape=(28, 28, 1),
-                          rngs=nnx.Rngs(0))
+    _abstract(_config(mixer="window"), (28, 28, 1))

@@ -16,13 +16,13 @@ switch for it). Nothing else changes: this config is the backbone's own config w
 `mixer="agent"` (and `agent_num`), so the comparison with the softmax backbone is one line.
 
 The default backbone is Swin (Agent-Swin): agent attention replaces the window attention of
-every stage, so each token sees the whole map at a cost linear in the number of tokens N. On
-32 px images the hierarchical backbone's first stage is where tokens are many (16 x 16 on
-CIFAR-10, 14 x 14 on MNIST, against n = 16 or 9 agents), the regime the paper targets; an
-isotropic ViT has only 8 x 8 or 7 x 7 tokens. `backbone=vit` is Agent-DeiT's setting (global
-softmax attention replaced in an isotropic ViT; the same model as `vit.py:mixer=agent`). The backbone's sizes and the training recipe are those of
-experiments/configs/swin.py / vit.py. The paper's relative position biases per stage are
-simplified in the mixer (see its docstring).
+every stage, so each token sees the whole map at a cost linear in the number of tokens N. On 32
+px images the hierarchical backbone's first stage is where tokens are many (16 x 16 on CIFAR-10,
+14 x 14 on MNIST, against n = 16 or 9 agents), the regime the paper targets; an isotropic ViT
+has only 8 x 8 or 7 x 7 tokens. `backbone=vit` is Agent-DeiT's setting (global softmax attention
+replaced in an isotropic ViT; the same model as `vit.py:mixer=agent`). The backbone's sizes and
+the training recipe are those of experiments/configs/swin.py / vit.py. The paper's relative
+position biases per stage are simplified in the mixer (see its docstring).
 
 Arguments: data (cifar10 | mnist), backbone (swin | vit), agent_num (n, a perfect square; 0:
 9 on MNIST, a 3x3 pooled grid, and 16 on CIFAR-10, a 4x4 pooled grid), epochs (0: the

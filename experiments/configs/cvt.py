@@ -14,11 +14,12 @@ of the MNIST model with one block per stage).
 
 CIFAR-10: CvT-13 (depths 1, 2, 10; widths 64, 192, 384; head width 64, so 1, 3, 6 heads; MLP
 ratio 4; 3x3 depthwise q/k/v projections with BatchNorm, keys and values at stride 2; class
-token in the last stage; no positional encoding; 19.6M parameters), with stride-2 token embeddings (kernels 7, 3,
-3; paddings 3, 1, 1) so that 32 x 32 images give 16, 8 and 4 x 4 maps (the paper's strides 4,
-2, 2 are for 224 px). MNIST: depths (1, 2) at widths (32, 64), head width 16, token embeddings
-of kernels 5 and 3 at stride 2 (maps 14 and 7; keys/values 7 and 4). The training recipe is
-`common.image_classification_recipe` (the paper's ImageNet recipe is AdamW for 300 epochs).
+token in the last stage; no positional encoding; 19.6M parameters), with stride-2 token
+embeddings (kernels 7, 3, 3; paddings 3, 1, 1) so that 32 x 32 images give 16, 8 and 4 x 4 maps
+(the paper's strides 4, 2, 2 are for 224 px). MNIST: depths (1, 2) at widths (32, 64), head
+width 16, token embeddings of kernels 5 and 3 at stride 2 (maps 14 and 7; keys/values 7 and 4).
+The training recipe is `common.image_classification_recipe` (the paper's ImageNet recipe is
+AdamW for 300 epochs).
 """
 
 from experiments.configs import common

@@ -23,16 +23,19 @@ scales in one pass under the block-causal mask, cross-entropy per token; after t
 `samples_per_class` samples per class with the KV-cached sampler, scored by the data set's
 reference classifier (`paperzoo.generation.metrics`), guided and unguided.
 
-MNIST recipe (CPU): VAR-tiny narrowed to 4 blocks of width 96 (3 heads) over the tokenizer's 130
-tokens (scales 1, 2, 3, 4, 6, 8; codebook 256), class dropout 0.1, AdamW (b2 0.95, weight decay
-0.05, VAR's) lr 2e-3 with 100 warmup steps and cosine decay to 0.1x, batch 64, gradient clipping
-at 2 (VAR's), EMA 0.995, 1,500 steps with validation every 500; then 50 samples per class with
-constant guidance 2 (VAR's linear ramp leaves the 1x1 and 2x2 scales, which decide the digit,
-almost unguided), top-k 0 and top-p 0 (the codebook is small).
-CIFAR-10 recipe (GPU): VAR-S, AdamW lr 4e-4 (VAR's 1e-4 per 256 at batch 1024... scaled to batch
-256 as 1e-4 x 4), b2 0.95, weight decay 0.05, batch 256, EMA 0.9999, 100,000 steps, guidance
-1.5 on VAR's linear schedule with top-k 900 / 4096 ~ 22% of the codebook (225 of 1024) and
-top-p 0.96 (VAR's sampling settings), 1,000 samples per class.
+MNIST recipe (CPU): VAR-tiny narrowed to 4 blocks of width 64 (4 heads; 335k parameters) over
+the tokenizer's 130 tokens (scales 1, 2, 3, 4, 6, 8; codebook 256), class dropout 0.1, AdamW
+(VAR's b2 0.95 and weight decay 0.05) lr 2e-3 with 100 warmup steps and cosine decay to 0.1x,
+batch 32, gradient clipping at 2 (VAR's), EMA 0.995, 800 steps (3.6 epochs) with validation every
+400; then 50 samples per class with constant guidance 2 and top-p 0.9, scored with the
+reference MNIST classifier. Measured (2 CPU cores shared with ~6 other jobs, 938 s of
+training): validation NLL 1.92 nats/token, token accuracy 47%; guided class accuracy 95.6%
+(67% without guidance). Sampling settings on that checkpoint, all without top-p: constant
+guidance 1 / 2 / 3: 89.6 / 91.6 / 90.6%; VAR's linear ramp 2 / 4: 90.8 / 93.8%.
+CIFAR-10 recipe (GPU, not run yet): VAR-S, AdamW lr 4e-4 (VAR's base rate is 1e-4 per 256
+images; a small model takes more; untuned), b2 0.95, weight decay 0.05, batch 256, EMA 0.9999,
+100,000 steps, guidance 1.5 on VAR's linear schedule, top-k 225 (VAR's 900 of 4096, 22% of the
+codebook) and top-p 0.96 (VAR's sampling settings), 1,000 samples per class.
 
 runlocal: a 2-block width-32 VAR on the tokens of a tiny tokenizer that the task trains once
 (two steps of `var_tokenizer.py:runlocal`, ~15 s) into cache_dir("var_tokenizers")/runlocal_<hash>
@@ -65,7 +68,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "guidance_scale": arg.guidance if arg.guidance >= 0 else (2.0 if mnist else 1.5),
       "guidance_schedule": arg.schedule or ("constant" if mnist else "linear"),
       "top_k": arg.top_k if arg.top_k >= 0 else (0 if mnist else 225),
-      "top_p": arg.top_p if arg.top_p >= 0 else (0.0 if mnist else 0.96),
+      "top_p": arg.top_p if arg.top_p >= 0 else (0.9 if mnist else 0.96),
       "temperature": 1.0,
       "samples_per_class": 50 if mnist else 1000,
       "sample_batch_size": 250 if mnist else 1000,
@@ -78,8 +81,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "name": "var", "size": size,
       # 0 keeps the size's value.
       "depth": 4 if narrow else 0,
-      "width": 96 if narrow else 0,
-      "heads": 3 if narrow else 0,
+      "width": 64 if narrow else 0,
+      "heads": 4 if narrow else 0,
       "mlp_ratio": 4.0,
       "class_dropout_prob": 0.1,
       "dropout": 0.0,
@@ -88,10 +91,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "norm_eps": 1e-6,
   })
 
-  config.train.batch_size = 64 if mnist else 256
+  config.train.batch_size = 32 if mnist else 256
   config.train.eval_batch_size = 500 if mnist else 1000
-  config.train.num_steps = arg.steps or (1_500 if mnist else 100_000)
-  config.train.eval_every_steps = 500 if mnist else 5_000
+  config.train.num_steps = arg.steps or (800 if mnist else 100_000)
+  config.train.eval_every_steps = 400 if mnist else 5_000
   config.train.patience = 0
   config.train.ema_decay = 0.995 if mnist else 0.9999
   config.train.log_every_steps = 50 if mnist else 500
