@@ -27,7 +27,7 @@ DATA_SETS = ("mnist", "cifar10")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  arg = parse_arg(arg, data="mnist", epochs=0, seed=0, runlocal=False)
+  arg = parse_arg(arg, data="mnist", epochs=0, seed=2021, runlocal=False)
   if arg.data not in DATA_SETS:
     raise ValueError(f"reference_classifier.py trains on {' or '.join(DATA_SETS)}, got "
                      f"data={arg.data!r}")

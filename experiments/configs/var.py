@@ -52,7 +52,7 @@ DATA_SETS = ("mnist", "cifar10")
 
 def get_config(arg: str | None = None) -> ConfigDict:
   arg = parse_arg(arg, data="mnist", size="", tokenizer_workdir="", train_tokenizer=False,
-                  guidance=-1.0, schedule="", top_k=-1, top_p=-1.0, steps=0, seed=0,
+                  guidance=-1.0, schedule="", top_k=-1, top_p=-1.0, steps=0, seed=2021,
                   runlocal=False)
   if arg.data not in DATA_SETS:
     raise ValueError(f"var.py generates {' or '.join(DATA_SETS)}, got data={arg.data!r}")

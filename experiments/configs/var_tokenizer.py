@@ -38,7 +38,7 @@ def parse_scales(text: str) -> tuple[int, ...]:
 
 def get_config(arg: str | None = None) -> ConfigDict:
   arg = parse_arg(arg, data="mnist", scales="1-2-3-4-6-8", codebook_size=0,
-                  codebook_update="ema", epochs=0, seed=0, runlocal=False)
+                  codebook_update="ema", epochs=0, seed=2021, runlocal=False)
   if arg.data not in DATA_SETS:
     raise ValueError(f"var_tokenizer.py trains on {' or '.join(DATA_SETS)}, got "
                      f"data={arg.data!r}")
