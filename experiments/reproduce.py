@@ -23,9 +23,26 @@ default every entry that fits a CPU; the full-size LRA and CIFAR-10 entries are 
 `--entries=lra/listops/attention/full` etc.) and writes `experiments/results/classification.md`
 and `.csv`: test accuracy mean ± std over seeds, the published number, the command.
 
+  python -m experiments.reproduce generation [--entries=mnist/dit,mnist/var] [--seeds=3]
+      [--workdir=/tmp/paperzoo_reproduce_generation]
+      [--report=experiments/results/generation.md]
+
+trains the generation entries (the MNIST reference classifier, DiT-tiny with flow matching and
+with DDPM, LiT, VAR's tokenizer and VAR-tiny, about 15 CPU minutes per run; a VAR entry brings
+its tokenizer entry, whose run of the same seed it reads and which runs first; the CIFAR-10
+GPU entries run only when named, e.g. `--entries=cifar10`) and writes
+`experiments/results/generation.md` and `.csv`: guided class accuracy of the samples under the
+reference classifier, the Frechet distance in that classifier's feature space (not FID), DDPM's
+bits/dim, the tokenizer's PSNR and codebook usage, mean ± std over seeds, the issue's target
+and whether it is met, each run's command, and links to the sample grids, copied into
+`experiments/results/generation/`. The reference classifier is the one run that scores every
+sample (`cache_dir("reference_classifiers")/<data>`), not one per seed. `--report_only`,
+`--fast` (report in `<workdir>/fast/generation.md`) and `--rerun_stale` work as for
+forecasting.
+
 The logic lives in `experiments/forecasting_grid.py` (`run_forecasting`, `collect`,
-`write_report`) and `experiments/classification_grid.py` (`run_classification`, ...), which a
-notebook calls directly.
+`write_report`), `experiments/classification_grid.py` (`run_classification`, ...) and
+`experiments/generation_grid.py` (`run_generation`, ...), which a notebook calls directly.
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ from absl import logging
 
 from experiments import classification_grid
 from experiments import forecasting_grid as grid
+from experiments import generation_grid
 
 _MODELS = flags.DEFINE_list(
     "models", None, "Models (config names in experiments/configs); default: every forecasting "
@@ -57,31 +75,35 @@ _FAST = flags.DEFINE_bool("fast", False, "Smoke mode: each config's runlocal set
 _RERUN_STALE = flags.DEFINE_bool("rerun_stale", False, "Retrain finished runs whose config has "
                                  "changed since (the old workdir is kept as seed<N>.staleK).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; train nothing.")
-_ENTRIES = flags.DEFINE_list("entries", None, "classification: entry keys or key prefixes "
-                             "(e.g. uea,mnist/vit); default: every entry that fits a CPU.")
+_ENTRIES = flags.DEFINE_list("entries", None, "classification, generation: entry keys or key "
+                             "prefixes (e.g. uea,mnist/vit or mnist/dit,mnist/var); default: "
+                             "every entry that fits a CPU.")
 
-SUBCOMMANDS = ("forecasting", "classification")
+SUBCOMMANDS = ("forecasting", "classification", "generation")
 
 
-def classification(seeds) -> None:
-  workdir = grid.check_workdir(_WORKDIR.value if _WORKDIR.present
-                               else classification_grid.DEFAULT_WORKDIR)
-  report = _REPORT.value or (workdir / "fast" / "classification.md" if _FAST.value
-                             else classification_grid.DEFAULT_REPORT)
-  keys = _ENTRIES.value or list(classification_grid.CPU_KEYS)
+def entry_grid(name: str, seeds) -> None:
+  """The classification or generation subcommand: their grid modules share one interface
+  (entries by key, DEFAULT_WORKDIR / DEFAULT_REPORT / CPU_KEYS, collect, write_report,
+  run_<name>)."""
+  module = {"classification": classification_grid, "generation": generation_grid}[name]
+  workdir = grid.check_workdir(_WORKDIR.value if _WORKDIR.present else module.DEFAULT_WORKDIR)
+  report = _REPORT.value or (workdir / "fast" / f"{name}.md" if _FAST.value
+                             else module.DEFAULT_REPORT)
+  keys = _ENTRIES.value or list(module.CPU_KEYS)
   if _REPORT_ONLY.value:
-    chosen = classification_grid.entries(keys)
-    rows = classification_grid.collect(chosen, seeds=seeds, workdir=workdir, fast=_FAST.value)
-    command = classification_grid.reproduce_command([e.key for e in chosen], seeds=seeds,
-                                                    workdir=workdir, fast=_FAST.value)
-    paths = classification_grid.write_report(rows, report, command=command, fast=_FAST.value)
+    chosen = module.entries(keys)
+    rows = module.collect(chosen, seeds=seeds, workdir=workdir, fast=_FAST.value)
+    command = module.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
+                                       fast=_FAST.value)
+    paths = module.write_report(rows, report, command=command, fast=_FAST.value)
     print(f"wrote {paths['md']}, {paths['csv'].name}")
     return
-  outcome = classification_grid.run_classification(
-      keys, seeds=seeds, workdir=workdir, fast=_FAST.value, report=report,
-      rerun_stale=_RERUN_STALE.value)
+  outcome = getattr(module, f"run_{name}")(keys, seeds=seeds, workdir=workdir, fast=_FAST.value,
+                                           report=report, rerun_stale=_RERUN_STALE.value)
   print("; ".join(f"{k}: {len(v)}" for k, v in outcome.items()) + f". Report: {report}")
-  if outcome["failed"] or outcome["preempted"]:
+  # "waiting" (generation): a run whose dependency (VAR's tokenizer) did not finish.
+  if outcome["failed"] or outcome["preempted"] or outcome.get("waiting"):
     raise SystemExit(1)
 
 
@@ -91,8 +113,8 @@ def main(argv: list[str]) -> None:
                          f"[--flags]; got {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   seeds = [int(s) for s in _SEED_LIST.value] if _SEED_LIST.value else _SEEDS.value
-  if argv[1] == "classification":
-    classification(seeds)
+  if argv[1] in ("classification", "generation"):
+    entry_grid(argv[1], seeds)
     return
   horizons = [int(h) for h in _HORIZONS.value] if _HORIZONS.value else None
   models = _MODELS.value or grid.default_models()

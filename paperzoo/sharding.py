@@ -22,6 +22,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Every weight axis carries one of these logical names (None: never sharded, e.g. a kernel's
+# spatial axes); `config.sharding_rules` maps some of them to mesh axes.
+LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "head_dim", "time", "variates", "vocab", None)
 # The mesh axes a batch is split over (its leading dimension).
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,6 +60,31 @@ def logical_to_mesh_spec(names: Sequence[str | None], rules: Sequence[tuple[str,
   """Maps a tuple of logical axis names to a PartitionSpec; unknown names are replicated."""
   table = dict(rules)
   return PartitionSpec(*(table.get(name) if name is not None else None for name in names))
+
+
+def check_logical_names(params: Any) -> None:
+  """Fails unless every parameter names each of its axes from `LOGICAL_AXIS_NAMES`.
+
+  `params` holds nnx Params (e.g. `nnx.split(model, nnx.Param, ...)[1]`, abstract or real). An
+  unnamed or misspelled axis would be replicated without a word, so a model meant to shard
+  would silently not; the trainer calls this before any compute.
+  """
+  bad = []
+  for path, param in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = param.get_metadata().get("out_sharding")
+    where = jax.tree_util.keystr(path)
+    if names is None:
+      bad.append(f"{where} {tuple(param.shape)} has no logical axis names")
+    elif len(names) != len(param.shape):
+      bad.append(f"{where} {tuple(param.shape)} names {len(names)} axes: {tuple(names)}")
+    elif not set(names) <= set(LOGICAL_AXIS_NAMES):
+      bad.append(f"{where} uses unknown names {sorted(set(names) - set(LOGICAL_AXIS_NAMES))}")
+  if bad:
+    raise ValueError(
+        "every parameter must name its axes (wrap the initializer in nnx.with_partitioning, "
+        "as paperzoo.layers.dense does) from " + ", ".join(map(str, LOGICAL_AXIS_NAMES))
+        + ": " + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,

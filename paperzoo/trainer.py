@@ -113,9 +113,12 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   def make_model() -> nnx.Module:
     return model_cls(config.model, **task.model_kwargs(), rngs=nnx.Rngs(params=init_key))
 
+  graphdef = None  # the model's structure, recorded while the state is traced below
+
   def boxed_init_state() -> dict[str, Any]:
     """The state with nnx Variables, whose metadata carries the logical axis names."""
-    _, params, extra = nnx.split(make_model(), nnx.Param, ...)
+    nonlocal graphdef
+    graphdef, params, extra = nnx.split(make_model(), nnx.Param, ...)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
              "opt_state": tx.init(params)}
     if ema_decay > 0:
@@ -123,15 +126,16 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     return state
 
   def init_state() -> dict[str, Any]:
-    return _unbox(boxed_init_state())
+    return unbox_variables(boxed_init_state())
 
   # Variables are created without eager sharding: their logical names are resolved by the rules
   # below, not read as mesh axes.
   with nnx.use_eager_sharding(False):
-    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    boxed_abstract_state = jax.eval_shape(boxed_init_state)
-    state_shardings = _unbox(sharding.state_shardings(boxed_abstract_state, mesh, rules))
-    abstract_state = _unbox(boxed_abstract_state)
+    boxed_abstract_state = jax.eval_shape(boxed_init_state)  # also sets graphdef
+    sharding.check_logical_names(boxed_abstract_state["params"])
+    state_shardings = unbox_variables(
+        sharding.state_shardings(boxed_abstract_state, mesh, rules))
+    abstract_state = unbox_variables(boxed_abstract_state)
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     closing.callback(checkpoints.close)
     resume_step = checkpoints.latest_step()
@@ -151,7 +155,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   def loss_fn(params, extra, batch, key):
     model = nnx.merge(graphdef, params, extra)
     loss, metrics = task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
-    return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict())
+    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -277,7 +281,8 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
               metric < record["best_metric"] if task.selection_mode == "min"
               else metric > record["best_metric"])
           if better:
-            record.update(best_metric=metric, best_step=step, evals_without_improvement=0)
+            record.update(best_metric=metric, best_step=step, evals_without_improvement=0,
+                          best_val=val)
           else:
             record["evals_without_improvement"] += 1
           patience = int(config.train.patience)
@@ -310,7 +315,8 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       _with_shardings(abstract_state, state_shardings), best=True)
   results = {
       "status": "done",
-      "val": evaluate(best_state, "val"),
+      # The best checkpoint's validation metrics were computed when it was saved.
+      "val": best_record.get("best_val") or evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
       "best_step": best_record["best_step"],
       "steps": int(jax.device_get(state["step"])),
@@ -405,7 +411,7 @@ class Stopwatch:
       self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _unbox(tree: Any) -> Any:
+def unbox_variables(tree: Any) -> Any:
   """Replaces nnx.State/Variable containers by plain dicts of their values.
 
   The train state crosses the jit boundary at every step; jax then flattens and rebuilds it in
@@ -415,7 +421,7 @@ def _unbox(tree: Any) -> Any:
   """
   def unbox(node):
     if isinstance(node, nnx.State):
-      return node.to_pure_dict()
+      return nnx.to_pure_dict(node)
     return node.get_value() if isinstance(node, nnx.Variable) else node
   return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
 

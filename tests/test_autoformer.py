@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from paperzoo.layers import LOGICAL_AXIS_NAMES
 from paperzoo.models.autoformer import (AutoCorrelation, Autoformer, auto_correlation_scores,
                                         num_lags, series_decomp, time_delay_aggregation)
 from paperzoo.models.dlinear import series_decomposition
@@ -235,15 +234,3 @@ def test_jit_step_gives_finite_gradients():
   _, new_loss, _ = step(new_params, _batch(), jax.random.key(0))
   assert float(new_loss) < float(loss)
 
-
-def test_every_param_has_logical_names_from_the_vocabulary():
-  _, state = nnx.split(nnx.eval_shape(lambda: _build()))
-  params = nnx.filter_state(state, nnx.Param)
-  leaves = jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Param))
-  assert leaves
-  for path, param in leaves:
-    names = param.get_metadata().get("out_sharding")
-    assert names is not None, f"{jax.tree_util.keystr(path)} has no logical axis names"
-    assert len(names) == param.ndim, (path, names, param.shape)
-    assert set(names) <= set(LOGICAL_AXIS_NAMES), (path, names)

@@ -228,3 +228,20 @@ def test_bits_per_dim_terms_are_positive_and_prior_is_small(base):
     return D.vlb_term_bits(base, step, x0, x0, jnp.array([0, 10]))
 
   assert bool(jnp.all(terms(x0) >= 0))
+
+
+def test_flow_training_times_follow_their_distributions():
+  key = jax.random.key(3)
+  uniform = np.asarray(D.flow_training_times(key, 20_001, "uniform"))
+  logit_normal = np.asarray(D.flow_training_times(key, 20_001, "logit_normal"))
+  assert uniform.shape == logit_normal.shape == (20_001,)
+  assert 0 < uniform.min() and uniform.max() < 1 and 0 < logit_normal.min()
+  assert logit_normal.max() < 1
+  # logit(t) ~ N(0, 1): mean 0, std 1; so P(|logit t| < 1) = 68%, against 46% for U(0, 1).
+  logits = np.log(logit_normal) - np.log1p(-logit_normal)
+  assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
+  central = lambda t: np.mean(np.abs(np.log(t) - np.log1p(-t)) < 1)
+  assert central(logit_normal) == pytest.approx(0.6827, abs=0.01)
+  assert central(uniform) == pytest.approx(2 * (1 / (1 + math.e ** -1)) - 1, abs=0.01)
+  with pytest.raises(ValueError, match="valid: uniform, logit_normal"):
+    D.flow_training_times(key, 4, "beta")

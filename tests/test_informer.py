@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from paperzoo.layers import LOGICAL_AXIS_NAMES
 from paperzoo.layers.transformer import sinusoidal_positions
 from paperzoo.models.informer import (DistillingLayer, Informer, ProbSparseAttention,
                                       max_pool_halve, num_selected, prob_sparse_attention,
@@ -303,7 +302,7 @@ def test_jit_step_gives_finite_gradients_and_updates_batch_statistics():
   # dropout 0: XLA compiles each dropout site's random bits slowly on CPU (the configs' smoke
   # test trains with dropout); the key still drives the ProbSparse key samples.
   graphdef, params, extra = nnx.split(_build(dropout=0.0), nnx.Param, ...)
-  params, extra = params.to_pure_dict(), extra.to_pure_dict()  # as the trainer's state
+  params, extra = nnx.to_pure_dict(params), nnx.to_pure_dict(extra)  # as the trainer's state
   target = jnp.asarray(np.random.default_rng(9).normal(size=(BATCH, PRED_LEN, NUM_VARIATES)),
                        jnp.float32)
 
@@ -312,7 +311,7 @@ def test_jit_step_gives_finite_gradients_and_updates_batch_statistics():
     def loss_fn(params):
       model = nnx.merge(graphdef, params, extra)
       prediction = model(batch, train=True, rngs=nnx.Rngs(dropout=key))
-      new_extra = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+      new_extra = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
       return jnp.mean(jnp.square(prediction - target)), new_extra
     (loss, new_extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return (jax.tree_util.tree_map(lambda p, g: p - 1e-2 * g, params, grads), new_extra, loss,
@@ -331,15 +330,3 @@ def test_jit_step_gives_finite_gradients_and_updates_batch_statistics():
   _, _, new_loss, _ = step(new_params, new_extra, _batch(), jax.random.key(0))
   assert float(new_loss) < float(loss)
 
-
-def test_every_param_has_logical_names_from_the_vocabulary():
-  _, state = nnx.split(nnx.eval_shape(lambda: _build(cross_attention="probsparse")))
-  params = nnx.filter_state(state, nnx.Param)
-  leaves = jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Param))
-  assert leaves
-  for path, param in leaves:
-    names = param.get_metadata().get("out_sharding")
-    assert names is not None, f"{jax.tree_util.keystr(path)} has no logical axis names"
-    assert len(names) == param.ndim, (path, names, param.shape)
-    assert set(names) <= set(LOGICAL_AXIS_NAMES), (path, names)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from paperzoo.layers import LOGICAL_AXIS_NAMES
+from paperzoo import sharding
 from paperzoo.layers.mixers import MIXERS, make_mixer, reverse_within_length
 
 D_MODEL, HEADS = 12, 3
@@ -157,11 +157,7 @@ def test_shape_finite_jit_and_gradients(name):
 def test_every_param_has_logical_names(name):
   mixer = nnx.eval_shape(lambda: make_mixer(name, D_MODEL, BASE_CONFIG, layer_index=0,
                                             rngs=nnx.Rngs(0)))
-  for path, param in nnx.iter_graph(mixer):
-    if isinstance(param, nnx.Param):
-      names = param.get_metadata().get("out_sharding")
-      assert names is not None and len(names) == param.ndim, path
-      assert all(n in LOGICAL_AXIS_NAMES for n in names), (path, names)
+  sharding.check_logical_names(nnx.state(mixer, nnx.Param))
 
 
 # ---- attention ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from paperzoo.layers import LOGICAL_AXIS_NAMES
 from paperzoo.layers.mamba import MambaBlock
 from paperzoo.models.smamba import SMamba, SMambaEncoderLayer
 from paperzoo.registry import MODELS
@@ -190,15 +189,6 @@ def test_jitted_gradients_are_finite_and_reach_every_weight():
     grad = np.asarray(grad)
     assert np.all(np.isfinite(grad)), path
     assert np.abs(grad).max() > 0, path
-
-
-def test_every_param_has_logical_names():
-  model = _build()
-  for path, param in nnx.iter_graph(model):
-    if isinstance(param, nnx.Param):
-      names = param.get_metadata().get("out_sharding")
-      assert names is not None and len(names) == param[...].ndim, path
-      assert all(name in LOGICAL_AXIS_NAMES for name in names), (path, names)
 
 
 def test_unknown_scan_impl_fails_at_construction():

@@ -10,6 +10,7 @@ import paperzoo
 from paperzoo import checkpoint as checkpoint_lib
 from paperzoo import metric_writers
 from paperzoo import sharding
+from paperzoo.generation import metrics
 from paperzoo import trainer
 from experiments.configs import dlinear, quickstart
 
@@ -82,6 +83,12 @@ def test_early_stopping_selects_on_validation_and_tests_the_best(tmp_path):
   best = min(val, key=lambda r: r["mse"])
   assert results["best_step"] == best["step"]
   assert results["val"]["mse"] == pytest.approx(best["mse"], rel=1e-6)
+  # Those validation scores were recorded when the best checkpoint was saved; scoring the
+  # restored checkpoint again gives them (the final test is scored on that same checkpoint).
+  model, task = metrics.load_best_model(config, tmp_path)
+  sums = trainer.evaluate_sums(task.splits["val"], lambda batch: task.eval_sums(model, batch),
+                               batch_size=64, batch_sharding=None)
+  assert task.summarize(sums) == pytest.approx(results["val"], rel=1e-5)
   assert results["stopped_early"] and results["steps"] < 40
   # Patience 2: training stopped two evaluations after the best one.
   assert val[-1]["step"] == best["step"] + 2 * 2

@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from paperzoo.layers import LOGICAL_AXIS_NAMES
 from paperzoo.layers.transformer import (Decoder, DecoderLayer, causal_mask,
                                          sinusoidal_positions)
 from paperzoo.models.transformer_baseline import Transformer
@@ -220,15 +219,3 @@ def test_jit_step_gives_finite_gradients():
   _, new_loss, _ = step(new_params, _batch(), key)
   assert float(new_loss) < float(loss)
 
-
-def test_every_param_has_logical_names_from_the_vocabulary():
-  _, state = nnx.split(nnx.eval_shape(lambda: _build()))
-  params = nnx.filter_state(state, nnx.Param)
-  leaves = jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Param))
-  assert leaves
-  for path, param in leaves:
-    names = param.get_metadata().get("out_sharding")
-    assert names is not None, f"{jax.tree_util.keystr(path)} has no logical axis names"
-    assert len(names) == param.ndim, (path, names, param.shape)
-    assert set(names) <= set(LOGICAL_AXIS_NAMES), (path, names)

@@ -52,7 +52,7 @@ def numpy_initialized(make, seed: int = 0):
     return jnp.asarray(rng.normal(size=value.shape) / np.sqrt(fan_in), jnp.float32)
 
   graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state.to_pure_dict()))
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
   quantizer = model if isinstance(model, vt.MultiScaleResidualQuantizer) else model.quantizer
   quantizer.reset_statistics()
   return model

@@ -419,6 +419,24 @@ def _time_like(t: jax.Array, x: jax.Array) -> jax.Array:
   return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
+FLOW_TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def flow_training_times(key: jax.Array, batch_size: int, method: str = "uniform") -> jax.Array:
+  """The times t [B] in (0, 1) at which a flow-matching step trains.
+
+  "uniform": t ~ U(0, 1) (rectified flow, SiT). "logit_normal": t = sigmoid(n), n ~ N(0, 1)
+  (Esser et al. 2024, SD3's choice): more of the training goes to intermediate times, where the
+  velocity is hardest to predict, less to the nearly clean and nearly pure-noise ends.
+  """
+  if method == "uniform":
+    return jax.random.uniform(key, (batch_size,))
+  if method == "logit_normal":
+    return jax.nn.sigmoid(jax.random.normal(key, (batch_size,)))
+  raise ValueError(f"unknown flow time sampling {method!r}; valid: "
+                   f"{', '.join(FLOW_TIME_SAMPLINGS)}")
+
+
 def flow_interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """x_t = (1 - t) x_0 + t eps, t [B] in [0, 1] (0: data, 1: noise)."""
   t = _time_like(t, x0)

@@ -4,6 +4,9 @@ Standard FID needs Inception-v3 weights, which nothing here can download; so gen
 scored in the feature space of a *reference classifier* that paperzoo trains itself, once per data
 set, through the ordinary trainer (`experiments/configs/reference_classifier.py`, a small CNN,
 `paperzoo.models.reference_cnn`). Its scores compare runs within paperzoo, not with published FID.
+Standard FID is added where the user supplies the Inception weights file
+(`paperzoo.generation.inception`, which says how to get and convert it): `sample_scores(...,
+inception_weights=path)`, or `task.inception_weights` in the generation configs.
 
     from paperzoo.generation import metrics
 
@@ -18,6 +21,8 @@ What each score is:
   classifier_frechet_distance  the Frechet distance between Gaussians fitted to the reference
                                classifier's penultimate features of real and of generated images
                                (FID's formula in another network's feature space; not FID)
+  fid                          standard FID: the same distance between Inception-v3 pool3
+                               features (only with an inception_weights file)
   psnr                         peak signal-to-noise ratio of reconstructions, for tokenizers
   codebook_usage               the fraction of a codebook's entries that some token uses
 
@@ -30,7 +35,9 @@ tr((S1 S2)^{1/2}) equals tr((S1^{1/2} S2 S1^{1/2})^{1/2}), and the latter is the
 a symmetric positive semi-definite matrix: both square roots here are eigendecompositions
 (`numpy.linalg.eigh`) in float64 with the rounding-negative eigenvalues clipped to 0, where
 scipy's `sqrtm` of the non-symmetric S1 S2 can return complex parts. Covariances are unbiased
-(divided by n - 1).
+(divided by n - 1). With fewer examples than dimensions in one set (n <= D, e.g. a few hundred
+samples' 2048-d Inception features) the same d^2 comes from n x n products instead of D x D
+eigendecompositions (`frechet_distance`).
 
 PSNR (dB) of one image: 10 log10(peak^2 / MSE), MSE over all its pixels and channels; `psnr`
 returns the mean over images. uint8 images have peak 255; float images are taken to be in
@@ -79,6 +86,7 @@ def load_best_model(config: Any, workdir: str | pathlib.Path, *, task: Any = Non
   """
   from paperzoo import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from paperzoo import optim  # pylint: disable=g-import-not-at-top
+  from paperzoo import trainer  # pylint: disable=g-import-not-at-top
   from paperzoo.registry import MODELS, TASKS  # pylint: disable=g-import-not-at-top
   task = TASKS.get(config.task.name)(config) if task is None else task
   model_cls = MODELS.get(config.model.name)
@@ -99,7 +107,7 @@ def load_best_model(config: Any, workdir: str | pathlib.Path, *, task: Any = Non
 
   with nnx.use_eager_sharding(False):
     graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    abstract = _unbox(jax.eval_shape(boxed_state))
+    abstract = trainer.unbox_variables(jax.eval_shape(boxed_state))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           abstract)
@@ -109,15 +117,6 @@ def load_best_model(config: Any, workdir: str | pathlib.Path, *, task: Any = Non
   finally:
     checkpoints.close()
   return nnx.merge(graphdef, state["ema" if ema else "params"], state["extra"]), task
-
-
-def _unbox(tree: Any) -> Any:
-  """nnx State/Variable containers -> plain dicts of arrays (the trainer's state layout)."""
-  def unbox(node):
-    if isinstance(node, nnx.State):
-      return node.to_pure_dict()
-    return node.get_value() if isinstance(node, nnx.Variable) else node
-  return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +238,17 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     raise ValueError(f"a covariance needs at least 2 examples per set, got {len(a)} and "
                      f"{len(b)}")
   mean_a, mean_b = a.mean(0), b.mean(0)
+  if min(len(a), len(b)) <= a.shape[1]:
+    # Few examples: with centered X = a - m1, Y = b - m2, tr(S1) = |X|_F^2 / (n_a - 1), and the
+    # nonzero eigenvalues of S1^{1/2} S2 S1^{1/2} (those of S2 S1) are those of M M^T / c, with
+    # M = Y X^T [n_b, n_a] and c = (n_a - 1)(n_b - 1): the trace of the root is the sum of M's
+    # singular values over sqrt(c). O(n_a n_b D), where the eigh route costs O(D^3).
+    x, y = a - mean_a, b - mean_b
+    trace_root = (np.sum(np.linalg.svd(y @ x.T, compute_uv=False))
+                  / np.sqrt((len(a) - 1) * (len(b) - 1)))
+    distance = (np.sum((mean_a - mean_b) ** 2) + np.sum(x * x) / (len(a) - 1)
+                + np.sum(y * y) / (len(b) - 1) - 2.0 * trace_root)
+    return float(max(distance, 0.0))
   cov_a = np.atleast_2d(np.cov(a, rowvar=False))
   cov_b = np.atleast_2d(np.cov(b, rowvar=False))
   root_a = _symmetric_sqrt(cov_a)
@@ -250,22 +260,27 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 def sample_scores(samples: np.ndarray, labels: np.ndarray, real: np.ndarray,
-                  classifier: Any) -> dict[str, float]:
+                  classifier: Any, *, inception_weights: str = "") -> dict[str, float]:
   """Scores of class-conditional samples uint8 [N, H, W, C] generated for `labels` int [N],
   against real images uint8 [M, H, W, C], under `classifier` (anything with `logits` and
   `features` of uint8 images, e.g. a ReferenceClassifier).
 
-  Returns {"class_accuracy", "classifier_frechet_distance"} (module docstring).
+  Returns {"class_accuracy", "classifier_frechet_distance"} (module docstring), and "fid" when
+  `inception_weights` names the FID Inception weights file (`paperzoo.generation.inception`).
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or len(labels) != len(samples):
     raise ValueError(f"labels must be [N] with N = {len(samples)} samples, got {labels.shape}")
   predicted = np.argmax(classifier.logits(samples), axis=-1)
-  return {
+  scores = {
       "class_accuracy": float(np.mean(predicted == labels)),
       "classifier_frechet_distance": frechet_distance(classifier.features(real),
                                                       classifier.features(samples)),
   }
+  if inception_weights:
+    from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
+    scores["fid"] = inception.frechet_inception_distance(real, samples, inception_weights)
+  return scores
 
 
 def psnr(reconstructions: np.ndarray, images: np.ndarray) -> float:

@@ -30,8 +30,7 @@ from paperzoo.layers.initializers import (INIT_SCHEMES, dense, torch_linear_bias
                                           torch_linear_kernel_init)
 from paperzoo.layers.normalization import denormalize_series, normalize_series
 from paperzoo.layers.transformer import ACTIVATIONS, Encoder, EncoderLayer
-
-LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "head_dim", "time", "variates", "vocab", None)
+from paperzoo.sharding import LOGICAL_AXIS_NAMES
 
 __all__ = [
     "ACTIVATIONS",

@@ -290,7 +290,7 @@ class MultiScaleResidualQuantizer(nnx.Module):
     initial = jax.random.uniform(rngs.params(), (codebook_size, dim), jnp.float32,
                                  -1.0 / codebook_size, 1.0 / codebook_size)
     self.codebook_vectors = (CodebookStatistic(initial) if codebook_update == "ema"
-                             else nnx.Param(initial))
+                             else nnx.Param(initial, out_sharding=("vocab", "embed")))
     for name, value in self._initial_statistics(initial).items():
       setattr(self, name, CodebookStatistic(value))
     self.phis = nnx.List([Phi(dim, phi_residual_ratio, rngs=rngs) for _ in range(num_phi)])
@@ -439,7 +439,10 @@ class MultiScaleResidualQuantizer(nnx.Module):
 # --------------------------------------------------------------------------------------------
 def _group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
   groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-  return nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
+  return nnx.GroupNorm(
+      channels, num_groups=groups, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
 
 
 class ResBlock(nnx.Module):

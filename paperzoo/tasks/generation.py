@@ -33,7 +33,9 @@ Model selection: validation `loss` (min).
 After training (`final_metrics`, the trainer's optional hook): `samples_per_class` guided
 samples of every class, scored by `paperzoo.generation.metrics.sample_scores` against the test
 images with the data set's reference classifier (class accuracy of the samples, Frechet
-distance in the classifier's feature space); the samples are saved to `samples.npz`.
+distance in the classifier's feature space), plus standard FID ("fid") when
+`inception_weights` names the Inception weights file (`paperzoo.generation.inception`); the
+samples are saved to `samples.npz`.
 Pictures: `samples.png` (rows = classes) and `denoising.png` (x_t along the sampler, one row per
 class).
 
@@ -45,6 +47,8 @@ Config keys (`config.task`):
   image_size          (32)      pad the images (centered, black) to this side; 0: native size
   flip                (False)   random horizontal flips while training (CIFAR-10, not digits)
   eval_timesteps      (10)      K above
+  flow_time_sampling  ("uniform") flow: the training times, "uniform" | "logit_normal"
+                                (diffusion.flow_training_times; validation stays stratified)
   sampler             (first)   ddpm: "ddpm" | "ddim"; flow: "euler" | "heun"
   sampling_steps      (100)     respaced steps (ddpm, ddim) or ODE steps (euler, heun; heun
                                 makes two network calls per step)
@@ -55,6 +59,10 @@ Config keys (`config.task`):
                                 reference classifier)
   sample_batch_size   (500)     samples drawn per jitted sampler call
   sample_seed         (0)       seed of the sampling noise (apart from config.seed)
+  inception_weights   ("")      path of the FID Inception weights (.npz,
+                                paperzoo.generation.inception); set: final_metrics adds "fid"
+                                of the samples against the test images ("": off). Checked when
+                                the task is built, so a wrong path fails before training.
 """
 
 from __future__ import annotations
@@ -135,12 +143,20 @@ class DiffusionTask:
     if self.eval_timesteps < 1:
       raise ValueError(f"task.eval_timesteps={self.eval_timesteps} must be >= 1")
     self.vlb_weight = float(get("vlb_weight", 0.001))
+    self.flow_time_sampling = str(get("flow_time_sampling", "uniform"))
+    if self.flow_time_sampling not in diffusion.FLOW_TIME_SAMPLINGS:
+      raise ValueError(f"unknown task.flow_time_sampling {self.flow_time_sampling!r}; valid: "
+                       f"{', '.join(diffusion.FLOW_TIME_SAMPLINGS)}")
     self.ddim_eta = float(get("ddim_eta", 0.0))
     self.clip_denoised = bool(get("clip_denoised", True))
     self.guidance_scale = float(get("guidance_scale", 4.0))
     self.samples_per_class = int(get("samples_per_class", 100))
     self.sample_batch_size = int(get("sample_batch_size", 500))
     self.sample_seed = int(get("sample_seed", 0))
+    self.inception_weights = str(get("inception_weights", ""))
+    if self.inception_weights:
+      from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
+      inception.read_weights(self.inception_weights)  # fail now, not after training
     self.flip = bool(get("flip", False))
     if self.objective == "ddpm":
       self.diffusion = diffusion.GaussianDiffusion.from_betas(diffusion.linear_betas(
@@ -221,7 +237,7 @@ class DiffusionTask:
       t = jax.random.randint(t_key, (batch_size,), 0, self.num_timesteps)
       loss, mse, vlb = self._ddpm_terms(model, x0, labels, t, noise, train=train, rngs=rngs)
       return jnp.mean(loss), {"mse": jnp.mean(mse), "vlb": jnp.mean(vlb)}
-    t = jax.random.uniform(t_key, (batch_size,))
+    t = diffusion.flow_training_times(t_key, batch_size, self.flow_time_sampling)
     return jnp.mean(self._flow_loss(model, x0, labels, t, noise, train=train, rngs=rngs)), {}
 
   # ------------------------------------------------------------------------------------------
@@ -336,7 +352,8 @@ class DiffusionTask:
     self._samples = (samples, labels)
     np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
     classifier = metrics.reference_classifier(self.data.name)
-    scores = metrics.sample_scores(samples, labels, self.data.test.arrays["inputs"], classifier)
+    scores = metrics.sample_scores(samples, labels, self.data.test.arrays["inputs"], classifier,
+                                   inception_weights=self.inception_weights)
     return {**{k: float(v) for k, v in scores.items()}, "num_samples": int(len(labels)),
             "guidance_scale": self.guidance_scale, "sampler": self.sampler,
             "sampling_steps": self.sampling_steps,

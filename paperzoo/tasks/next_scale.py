@@ -26,7 +26,9 @@ run's workdir), `samples_per_class` images per class are sampled with guidance
 (`paperzoo.models.var.sample`: KV cache, classifier-free guidance, top-k / top-p) and scored by
 the data set's reference classifier (`paperzoo.generation.metrics.sample_scores`: class accuracy,
 Frechet distance in its feature space), and again without guidance (class accuracy and distance
-`*_unguided`, to show what guidance buys); the guided samples go to `samples.npz`.
+`*_unguided`, to show what guidance buys), each with standard FID ("fid", "fid_unguided") when
+`inception_weights` names the Inception weights file (`paperzoo.generation.inception`); the
+guided samples go to `samples.npz`.
 `samples_per_class=0` skips all of this, so no reference classifier is trained (runlocal).
 Pictures: `samples.png` (rows = classes) and `scales.png` (one sample per class decoded from
 f_hat after 1, 2, ..., K scales: the image built coarse to fine).
@@ -47,6 +49,10 @@ Config keys (`config.task`):
   samples_per_class  (int, 50)      samples per class scored at the end (0: none)
   sample_batch_size  (int, 250)     samples per jitted sampler call
   sample_seed        (int, 0)       seed of the sampling
+  inception_weights  (str, "")      path of the FID Inception weights (.npz,
+                                    paperzoo.generation.inception); set: final_metrics adds
+                                    "fid" against the test images ("": off); checked when the
+                                    task is built, so a wrong path fails before training
 """
 
 from __future__ import annotations
@@ -220,6 +226,10 @@ class NextScaleTask:
     self.samples_per_class = int(get("samples_per_class", 50))
     self.sample_batch_size = int(get("sample_batch_size", 250))
     self.sample_seed = int(get("sample_seed", 0))
+    self.inception_weights = str(get("inception_weights", ""))
+    if self.inception_weights:
+      from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
+      inception.read_weights(self.inception_weights)  # fail now, not after training
 
     # The frozen tokenizer.
     tokenizer_config = get("tokenizer_config", "")
@@ -394,8 +404,11 @@ class NextScaleTask:
     np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
     classifier = metrics.reference_classifier(self.data.name)
     real = self.data.test.arrays["inputs"]
-    scores = metrics.sample_scores(samples, labels, real, classifier)
-    unguided_scores = metrics.sample_scores(unguided, labels, real, classifier)
+    # The real images' Inception features are computed once and reused for the unguided FID.
+    scores = metrics.sample_scores(samples, labels, real, classifier,
+                                   inception_weights=self.inception_weights)
+    unguided_scores = metrics.sample_scores(unguided, labels, real, classifier,
+                                            inception_weights=self.inception_weights)
     return {**{k: float(v) for k, v in scores.items()},
             **{f"{k}_unguided": float(v) for k, v in unguided_scores.items()},
             "num_samples": int(len(labels)), "guidance_scale": self.guidance_scale,
