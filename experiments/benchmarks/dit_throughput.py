@@ -52,6 +52,7 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
+from experiments.benchmarks import machine
 from experiments.configs import dit as dit_config
 from paperzoo import optim
 from paperzoo.registry import MODELS, TASKS
@@ -108,16 +109,8 @@ def matmul_precision() -> str:
 
 
 def matmul_tflops(size: int, repeats: int = 20) -> float:
-  """float32 matmul throughput of the default device, the best of `repeats` timed products."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e12
+  """float32 matmul throughput of the default device in TFLOP/s (benchmarks.machine)."""
+  return machine.matmul_gflops(size, repeats) / 1e3
 
 
 def choose_peak(peak: str, measured_tflops: float) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -37,6 +36,7 @@ from absl import logging
 from flax import nnx
 
 import paperzoo
+from experiments.benchmarks import machine
 from experiments.benchmarks import torch_reference
 from experiments import forecasting_grid
 from paperzoo import trainer
@@ -53,19 +53,6 @@ _EPOCHS = flags.DEFINE_integer("epochs", 0, "Train this many epochs instead of t
 # the whole 10-epoch run with validation and test after every epoch.
 RECORDED_REFERENCE = {"itransformer": {"epoch_seconds": 6.3, "run_seconds": 80.0, "test_mse": 0.3863},
              "dlinear": {"epoch_seconds": 0.48, "run_seconds": None, "test_mse": 0.3962}}
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-  """float32 matmul throughput of this machine, the best of `repeats` timed products."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e9
 
 
 def train_step_gflop(config) -> float:
@@ -121,7 +108,7 @@ def run_once(name: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  gflops = matmul_gflops()
+  gflops = machine.matmul_gflops()
   print(f"machine: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}"
         f", float32 matmul {gflops:.0f} GFLOP/s (measured now)")
   valid = forecasting_grid.default_models()
