@@ -36,7 +36,9 @@ CPU, seed 2021, one run each (experiments/results/generation.md):
     125.6; 26 minutes of training with a second training run sharing the two cores (1.2 steps/s;
     alone the step rate is about 2/s, so about 15 minutes) and 89 s of sampling;
   * uniform training times (SiT's, `time_sampling=uniform`): 68.2% after 1,500 steps (the
-    default before; Frechet distance 252), 100% after 4,000 steps (130.4; about 52 minutes, shared).
+    default before; Frechet distance 252), 100% after 4,000 steps (130.4; about 52 minutes, shared; scored after the run
+    with the task's own sampler and seed by a throwaway script, because the run's final
+    scoring stopped on a code change made while it trained).
   Validation loss (stratified over t, so comparable) at step 1,500: 0.168 logit-normal (of
   1,800 steps), 0.182 uniform (of 4,000) and 0.192 uniform (the end of the 1,500-step run).
   DDPM was measured only undertrained (600 steps, 10.4%).
