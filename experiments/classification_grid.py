@@ -132,13 +132,8 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
                        log: Callable[[str], None] = print) -> dict[str, list[Any]]:
   """Trains every unfinished run of the chosen entries (default: the CPU ones), writing the
   report after each; returns the runs by outcome (as `forecasting_grid.run_forecasting`)."""
-  if train_fn is None:
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    train_fn = paperzoo.train_and_evaluate
   chosen = entries(keys if keys is not None else CPU_KEYS)
   grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast)
-  outcome: dict[str, list[Any]] = {k: [] for k in (
-      "trained", "skipped", "unsupported", "stale", "failed", "preempted")}
   command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
 
   def write() -> None:
@@ -146,11 +141,10 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
       write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast), report,
                    command=command, fast=fast)
 
-  shared.train_runs(
-      grid_runs, outcome, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
+  return shared.train_runs(
+      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
       describe=lambda run: f"{run.entry.key} seed {run.seed}",
       summarize=lambda results: f"test accuracy={results['test']['accuracy']:.4f}")
-  return outcome
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],

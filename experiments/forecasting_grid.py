@@ -318,14 +318,9 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
   A run that raises is recorded in `<workdir>/error.txt` and the grid goes on; SIGTERM (the
   trainer saves and returns "preempted") stops the grid; running again resumes both.
   """
-  if train_fn is None:
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    train_fn = paperzoo.train_and_evaluate
   models = list(models) if models else default_models()
   datasets = list(datasets) if datasets else list(PROTOCOL)
   grid_runs = runs(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir, fast=fast)
-  outcome: dict[str, list[Run]] = {k: [] for k in (
-      "trained", "skipped", "unsupported", "stale", "failed", "preempted")}
   command = reproduce_command(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir,
                               fast=fast, rerun_stale=rerun_stale)
 
@@ -334,22 +329,29 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
       write_report(collect(report_models(models), seeds=seeds, workdir=workdir, fast=fast),
                    report, command=command, fast=fast)
 
-  train_runs(grid_runs, outcome, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
-             log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
-                                           f"{run.pred_len} seed {run.seed}",
-             summarize=lambda results: f"test mse={results['test']['mse']:.4f} "
-                                       f"mae={results['test']['mae']:.4f}")
-  return outcome
+  return train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
+                    log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
+                                                  f"{run.pred_len} seed {run.seed}",
+                    summarize=lambda results: f"test mse={results['test']['mse']:.4f} "
+                                              f"mae={results['test']['mae']:.4f}")
 
 
-def train_runs(grid_runs: Sequence[Any], outcome: dict[str, list[Any]], *,
-               train_fn: Callable[[Any, pathlib.Path], dict[str, Any]],
+OUTCOMES = ("trained", "skipped", "unsupported", "stale", "failed", "preempted")
+
+
+def train_runs(grid_runs: Sequence[Any], *,
+               train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None,
                write: Callable[[], None], rerun_stale: bool, log: Callable[[str], None],
                describe: Callable[[Any], str], summarize: Callable[[dict[str, Any]], str]
-               ) -> None:
-  """The loop every reproduction grid shares: trains each unfinished run in order, sorting the
-  runs into `outcome` and calling `write()` after each. A run is anything with `workdir`,
-  `command` and `config()` (see `run_state`)."""
+               ) -> dict[str, list[Any]]:
+  """The loop every reproduction grid shares: trains each unfinished run in order (with
+  `train_fn`, default `paperzoo.train_and_evaluate`), calling `write()` after each, and returns
+  the runs sorted by outcome (OUTCOMES). A run is anything with `workdir`, `command` and
+  `config()` (see `run_state`)."""
+  if train_fn is None:
+    import paperzoo  # pylint: disable=g-import-not-at-top
+    train_fn = paperzoo.train_and_evaluate
+  outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
   for index, run in enumerate(grid_runs, 1):
     name = f"[{index}/{len(grid_runs)}] {describe(run)}"
     state = run_state(run)
@@ -387,6 +389,7 @@ def train_runs(grid_runs: Sequence[Any], outcome: dict[str, list[Any]], *,
     log(f"{name}: {summarize(results)}")
     write()
   write()
+  return outcome
 
 
 def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
@@ -716,6 +719,24 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
       lines.append(f"- {row.model} {row.data} H={row.pred_len}: MSE "
                    f"{row.mse_mean_std[0]:.4f} vs paper {row.paper_mse:.3f} "
                    f"({_fmt_rel(row.rel_mse)}, n={row.n})")
+  lines += ["", "## Compute", "",
+            "Wall time of the finished runs (compilation, training, evaluation, checkpoints; "
+            "from each run's results.json), and what the rest of the requested grid would take "
+            "at the same mean per run. Runs made while other jobs shared the machine count as "
+            "they were. Per-epoch speed on a quiet machine: "
+            "`python -m experiments.benchmarks.forecasting_speed --models=all --steps=50 "
+            "--project_grid`.", "",
+            "| model | runs finished | hours | minutes per run | runs left | hours left (est.) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+  for model in dict.fromkeys(r.model for r in cells):
+    runnable = [r for r in cells if r.model == model and r.status not in REFUSED]
+    done = sum(r.n for r in runnable)
+    left = sum(len(r.seeds_requested) for r in runnable) - done
+    seconds = sum(s for r in runnable for s in r.seconds)
+    per_run = seconds / done if done else None
+    lines.append(f"| {model} | {done} | {_fmt(seconds / 3600 if done else None, 2)} | "
+                 f"{_fmt(per_run / 60 if per_run else None, 1)} | {left} | "
+                 f"{_fmt(per_run * left / 3600 if per_run else None, 2)} |")
   lines += ["", f"CSV with the per-seed numbers and each run's command: `{csv_path.name}`; "
             f"plot: `{png_path.name}`.", ""]
   md_path.write_text("\n".join(lines))

@@ -255,13 +255,8 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
   """Trains every unfinished run of the chosen entries (default: the CPU ones) and what they
   need, writing the report after each; returns the runs by outcome (as
   `forecasting_grid.run_forecasting`, plus "waiting": runs whose dependency did not finish)."""
-  if train_fn is None:
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    train_fn = paperzoo.train_and_evaluate
   chosen = entries(keys if keys is not None else CPU_KEYS)
   grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast)
-  outcome: dict[str, list[Any]] = {k: [] for k in (
-      "trained", "skipped", "unsupported", "stale", "failed", "preempted")}
   command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
 
   def write() -> None:
@@ -269,8 +264,8 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
       write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast), report,
                    command=command, fast=fast)
 
-  shared.train_runs(
-      grid_runs, outcome, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
+  outcome = shared.train_runs(
+      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
       describe=lambda run: " ".join(filter(None, [run.entry.key, run.label])),
       summarize=lambda results: _summary(run_metrics(results)))
   outcome["waiting"] = [run for run in outcome["unsupported"]

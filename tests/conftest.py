@@ -23,6 +23,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 
+@pytest.fixture
+def no_eager_sharding():
+  """Weights carry logical axis names; without a mesh they can only be created non-eagerly, as
+  the trainer does. Model test modules use it with
+  `pytestmark = pytest.mark.usefixtures("no_eager_sharding")`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  with nnx.use_eager_sharding(False):
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _quiet_absl_logging():
   from absl import logging

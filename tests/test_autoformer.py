@@ -22,11 +22,7 @@ from paperzoo.registry import MODELS
 SEQ_LEN, LABEL_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 24, 12, 8, 3, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

@@ -32,3 +32,20 @@ def test_forecasting_speed_benchmark_knows_every_forecasting_model():
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "unknown model 'dlinaer'; valid: itransformer" in result.stderr + result.stdout
+
+
+def test_forecasting_speed_benchmark_steps_and_grid_projection(tmp_path):
+  """--steps times a few steps and scales them to an epoch; --project_grid bounds the grid."""
+  out = tmp_path / "speed.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks.forecasting_speed", "--models=dlinear",
+       "--steps=20", "--project_grid", f"--json={out}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "20 steps" in result.stdout and "undertrained" in result.stdout
+  row = json.loads(out.read_text())["rows"][0]
+  assert row["timed_steps"] == 20 and row["run_speedup_vs_reference"] is None
+  grid = row["grid"]
+  # DLinear runs on every data set: 3 x 4 horizons plus ILI's 4, at most 10 epochs each.
+  assert grid["cells"] == 16 and not grid["refused"] and grid["max_epochs_per_seed"] == 160
+  assert 0 < grid["train_seconds_upper_bound"] < 3 * 3600

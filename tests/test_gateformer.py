@@ -27,11 +27,7 @@ D_MODEL = 8
 LARGE_LOGIT = 50.0  # sigmoid(+-50) is 1 or 0 in float32 whatever the rest of the logit
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

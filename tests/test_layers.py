@@ -20,12 +20,7 @@ from paperzoo.layers import (Dropout, Encoder, EncoderLayer,
 from paperzoo.registry import MODELS
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly, as the
-  # trainer does.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 def _np(x) -> np.ndarray:

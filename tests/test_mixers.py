@@ -33,11 +33,7 @@ BASE_CONFIG = dict(num_heads=HEADS, attention_dropout=0.25, attention_impl="xla"
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 @functools.lru_cache(maxsize=None)

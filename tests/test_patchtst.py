@@ -23,11 +23,7 @@ SEQ_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 24, 8, 3, 2, 4
 PATCH_LEN, STRIDE, D_MODEL, D_FF, NUM_HEADS = 6, 4, 8, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

@@ -217,6 +217,9 @@ def test_mean_std_relative_difference_and_target(tmp_path):
   text = paths["md"].read_text()
   assert "FAST MODE" not in text and "jax " in text and "Machine:" in text
   assert "| dlinear | etth1 | 3 | 0.4170 ± 0.0020 |" in text
+  # Compute: 12 finished runs of 1 s each; ILI's 12 left; S-Mamba's ILI cells are refused.
+  assert "| dlinear | 12 | 0.00 | 0.0 | 12 | 0.00 |" in text
+  assert "| smamba | 0 | - | - | 12 | - |" in text
   csv_rows = {(r["model"], r["data"], r["pred_len"]): r for r in read_csv(paths["csv"])}
   assert csv_rows["dlinear", "etth1", "avg"]["meets_3pct"] == "yes"
   assert float(csv_rows["dlinear", "etth1", "avg"]["rel_diff_mse"]) == pytest.approx(

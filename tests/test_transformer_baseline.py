@@ -25,11 +25,7 @@ from tests.test_layers import _randomize_layer_norms, np_attention, np_layer_nor
 SEQ_LEN, LABEL_LEN, PRED_LEN, NUM_VARIATES, NUM_TIME_FEATURES, BATCH = 16, 8, 6, 3, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-  # Weights carry logical names; without a mesh they can only be created non-eagerly.
-  with nnx.use_eager_sharding(False):
-    yield
+pytestmark = pytest.mark.usefixtures("no_eager_sharding")
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

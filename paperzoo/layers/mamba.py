@@ -15,7 +15,8 @@ d_inner = expand * d_model, R = dt_rank = ceil(d_model / 16), N = d_state:
     out         = out_proj(y)                      Linear(d_inner -> d_model), no bias
 
 The scan runs through `pallas_kernels.selective_scan` (`scan_impl`: "auto" = the fused Pallas
-kernel on GPU, the associative-scan jnp reference elsewhere). dt_proj starts as in mamba_ssm:
+kernel on GPU; on CPU the fused `lax.scan` for long scans and the associative scan for short
+ones; the associative scan on TPU). dt_proj starts as in mamba_ssm:
 kernel U(+-R^-1/2), bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] (floored at 1e-4),
 so the initial step sizes span two decades; this is part of the Mamba method and is used under
 either `init` scheme. The conv kernel and bias follow `init` with fan-in d_conv (PyTorch's

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import selective_scan
-from pallas_kernels.selective_scan import (ScanBlocks, reference_scan,
+from pallas_kernels.selective_scan import (ScanBlocks, _auto_impl, reference_scan,
                                            sequential_scan)
 
 SMALL = ScanBlocks(block_d=4, chunk=8)
@@ -116,14 +116,14 @@ def _value_and_grads(impl, softplus, blocks):
   return jax.value_and_grad(loss, has_aux=True)
 
 
-def _check(fast_jit, close, case, dtype):
+def _check(fast_jit, close, case, dtype, impl="interpret"):
   shape, with_d, with_z, with_bias, softplus, blocks = case
   inputs = make_inputs(*shape, with_d=with_d, with_z=with_z,
                        with_bias=with_bias, dtype=dtype)
 
   def both(inputs):
-    return [_value_and_grads(impl, softplus, blocks)(inputs)
-            for impl in ("interpret", "reference")]
+    return [_value_and_grads(name, softplus, blocks)(inputs)
+            for name in (impl, "reference")]
 
   ((_, (y, last)), grads), ((_, (ref_y, ref_last)), ref_grads) = fast_jit(
       both)(inputs)
@@ -147,6 +147,13 @@ def test_interpret_matches_reference_f32(fast_jit, close, case):
 
 def test_interpret_matches_reference_bf16(fast_jit, close):
   _check(fast_jit, close, CASES[0], jnp.bfloat16)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_sequential_matches_reference_f32(fast_jit, close, case):
+  # The CPU default: fused steps under jax.checkpoint; its gradients come from
+  # autodiff through the rematerialized scan, not from the associative scan's.
+  _check(fast_jit, close, case, jnp.float32, impl="sequential")
 
 
 def test_last_state_only_when_asked(fast_jit):
@@ -190,3 +197,9 @@ def test_bad_inputs_raise(change, message):
   args.update(change)
   with pytest.raises(ValueError, match=message):
     selective_scan(**args)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU choice")
+def test_auto_on_cpu_picks_the_sequential_scan_for_long_scans():
+  assert _auto_impl((32, 11, 256), 2) == "reference"  # S-Mamba's variate tokens
+  assert _auto_impl((16, 100, 256), 16) == "sequential"  # a UEA Mamba classifier
