@@ -26,7 +26,7 @@ def test_forecasting_speed_benchmark_runs(tmp_path):
 def test_forecasting_speed_benchmark_knows_every_forecasting_model():
   from experiments import forecasting_grid  # pylint: disable=g-import-not-at-top
   assert {"itransformer", "dlinear", "patchtst", "autoformer", "smamba", "informer",
-          "transformer"} <= set(forecasting_grid.default_models())
+          "gateformer", "transformer"} <= set(forecasting_grid.default_models())
   result = subprocess.run(
       [sys.executable, "-m", "experiments.benchmarks.forecasting_speed", "--models=dlinaer"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,8 @@ from paperzoo.registry import MODELS, TASKS
 from tests.conftest import REPO_ROOT
 
 # The five configs this grid was written with; others join as their configs appear.
-FIVE = ("itransformer", "patchtst", "dlinear", "autoformer", "smamba")
+FIVE = ("itransformer", "patchtst", "dlinear", "autoformer", "smamba")  # with paper numbers
+GRID_MODELS = FIVE + ("informer", "gateformer", "transformer")
 
 
 def counting_train_fn(calls: list):
@@ -68,22 +69,22 @@ def test_workdir_inside_the_repository_is_refused():
     grid.runs(["dlinear"], ["etth1"], workdir=REPO_ROOT / "experiments" / "results" / "runs")
 
 
-def test_default_models_are_the_forecasting_configs_with_paper_numbers_or_baselines(
+def test_default_models_are_the_forecasting_configs_with_paper_numbers_or_listed(
     monkeypatch):
   models = grid.default_models()
-  assert set(FIVE) <= set(models)
+  assert set(GRID_MODELS) <= set(models)
   assert "quickstart" not in models
   for model in models:
     assert grid.is_forecasting_config(model)
-  # A config joins the grid through the paper-number table (or BASELINES) alone.
+  # A config joins the grid through the paper-number table (or NO_PAPER_NUMBER) alone.
   monkeypatch.setattr(grid, "PAPER_NUMBERS", {k: v for k, v in grid.PAPER_NUMBERS.items()
                                               if k[0] != "dlinear"})
   assert "dlinear" not in grid.default_models()
-  monkeypatch.setattr(grid, "BASELINES", ("dlinear",))
+  monkeypatch.setattr(grid, "NO_PAPER_NUMBER", ("dlinear",))
   assert "dlinear" in grid.default_models()
 
 
-@pytest.mark.parametrize("model", FIVE)
+@pytest.mark.parametrize("model", GRID_MODELS)
 def test_every_grid_cell_builds_its_config_or_says_why_not(model):
   for run in grid.runs([model], list(grid.PROTOCOL), seeds=1, workdir="/tmp/x"):
     if model == "smamba" and run.data == "illness":
@@ -96,7 +97,7 @@ def test_every_grid_cell_builds_its_config_or_says_why_not(model):
       assert config.data.label_len == 18  # TSLib's ILI scripts
 
 
-@pytest.mark.parametrize("model", ("itransformer", "patchtst", "dlinear", "autoformer"))
+@pytest.mark.parametrize("model", [m for m in GRID_MODELS if m != "smamba"])
 def test_models_forecast_at_ili_lookback_36(model):
   """The models' shapes at L=36 (PatchTST's patching, Autoformer's 18-step decoder context...),
   on real ILI windows; eager, so no compilation (training is the config tests' job)."""
