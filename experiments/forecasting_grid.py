@@ -724,9 +724,10 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
             "Wall time of the finished runs (compilation, training, evaluation, checkpoints; "
             "from each run's results.json), and what the rest of the requested grid would take "
             "at the same mean per run. Runs made while other jobs shared the machine count as "
-            "they were. Per-epoch speed on a quiet machine: "
-            "`python -m experiments.benchmarks.forecasting_speed --models=all --steps=50 "
-            "--project_grid`.", "",
+            "they were. Per-epoch speed on a quiet machine, and a projection for the models not "
+            "run yet: `experiments/results/forecasting_speed.md` (`python -m "
+            "experiments.benchmarks.forecasting_speed --models=all --steps=20 --project_grid`).",
+            "",
             "| model | runs finished | hours | minutes per run | runs left | hours left (est.) |",
             "| --- | --- | --- | --- | --- | --- |"]
   for model in dict.fromkeys(r.model for r in cells):
