@@ -85,17 +85,7 @@ CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   """The entries whose key equals or starts with one of `keys` (all when None)."""
-  if keys is None:
-    return list(ENTRIES)
-  keys = list(keys)
-  chosen = [e for e in ENTRIES if any(e.key == k or e.key.startswith(k.rstrip("/") + "/")
-                                      for k in keys)]
-  unknown = [k for k in keys if not any(e.key == k or e.key.startswith(k.rstrip("/") + "/")
-                                        for e in ENTRIES)]
-  if unknown:
-    raise ValueError(f"unknown entries {unknown}; valid keys (or their prefixes): "
-                     f"{', '.join(e.key for e in ENTRIES)}")
-  return chosen
+  return shared.select_entries(ENTRIES, keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +139,7 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
                       workdir: str | os.PathLike, fast: bool) -> str:
-  seeds = shared.seeds_list(seeds)
-  parts = ["python -m experiments.reproduce classification", f"--entries={','.join(keys)}",
-           f"--seeds={len(seeds)}" if seeds == shared.seeds_list(len(seeds))
-           else f"--seed_list={','.join(map(str, seeds))}", f"--workdir={workdir}"]
-  return " ".join(parts + (["--fast"] if fast else []))
+  return shared.entries_command("classification", keys, seeds=seeds, workdir=workdir, fast=fast)
 
 
 @dataclasses.dataclass

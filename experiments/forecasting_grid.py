@@ -208,6 +208,39 @@ def seeds_list(seeds: int | Sequence[int]) -> list[int]:
   return [int(s) for s in seeds]
 
 
+def seeds_flag(seeds: int | Sequence[int]) -> str:
+  """The reproduce flag that asks for `seeds`: `--seeds=3`, or `--seed_list=...` otherwise."""
+  seeds = seeds_list(seeds)
+  return (f"--seeds={len(seeds)}" if seeds == seeds_list(len(seeds))
+          else f"--seed_list={','.join(map(str, seeds))}")
+
+
+def _key_matches(key: str, wanted: str) -> bool:
+  return key == wanted or key.startswith(wanted.rstrip("/") + "/")
+
+
+def select_entries(all_entries: Sequence[Any], keys: Iterable[str] | None) -> list[Any]:
+  """The entries (anything with a `.key`) whose key equals or starts with one of `keys`, in
+  table order (all when None); an unknown key is an error that lists the valid ones. The
+  classification and generation grids choose their entries this way."""
+  if keys is None:
+    return list(all_entries)
+  keys = list(keys)
+  unknown = [k for k in keys if not any(_key_matches(e.key, k) for e in all_entries)]
+  if unknown:
+    raise ValueError(f"unknown entries {unknown}; valid keys (or their prefixes): "
+                     f"{', '.join(e.key for e in all_entries)}")
+  return [e for e in all_entries if any(_key_matches(e.key, k) for k in keys)]
+
+
+def entries_command(subcommand: str, keys: Sequence[str], *, seeds: int | Sequence[int],
+                    workdir: str | os.PathLike, fast: bool) -> str:
+  """The command line that runs (or resumes) these entries of an entry grid."""
+  parts = [f"python -m experiments.reproduce {subcommand}", f"--entries={','.join(keys)}",
+           seeds_flag(seeds), f"--workdir={workdir}"]
+  return " ".join(parts + (["--fast"] if fast else []))
+
+
 def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """The grid's root directory; never inside the repository (checkpoints do not belong there)."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -408,9 +441,7 @@ def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
   """The command line that runs (or resumes) this grid."""
   parts = ["python -m experiments.reproduce forecasting", f"--models={','.join(models)}",
            f"--datasets={','.join(datasets)}"]
-  seeds = seeds_list(seeds)
-  parts.append(f"--seeds={len(seeds)}" if seeds == seeds_list(len(seeds))
-               else f"--seed_list={','.join(map(str, seeds))}")
+  parts.append(seeds_flag(seeds))
   if horizons is not None:
     parts.append(f"--horizons={','.join(str(h) for h in sorted(set(horizons)))}")
   parts.append(f"--workdir={workdir}")

@@ -129,21 +129,10 @@ _BY_KEY = {e.key: e for e in ENTRIES}
 CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 
 
-def _matches(entry: Entry, key: str) -> bool:
-  return entry.key == key or entry.key.startswith(key.rstrip("/") + "/")
-
-
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   """The entries whose key equals or starts with one of `keys` (all when None), plus the
   entries they need (a VAR's tokenizer), in table order, so a dependency runs first."""
-  if keys is None:
-    return list(ENTRIES)
-  keys = list(keys)
-  unknown = [k for k in keys if not any(_matches(e, k) for e in ENTRIES)]
-  if unknown:
-    raise ValueError(f"unknown entries {unknown}; valid keys (or their prefixes): "
-                     f"{', '.join(e.key for e in ENTRIES)}")
-  chosen = {e.key for e in ENTRIES if any(_matches(e, k) for k in keys)}
+  chosen = {e.key for e in shared.select_entries(ENTRIES, keys)}
   pending = list(chosen)
   while pending:
     needed = _BY_KEY[pending.pop()].needs
@@ -277,11 +266,7 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
                       workdir: str | os.PathLike, fast: bool) -> str:
-  seeds = shared.seeds_list(seeds)
-  parts = ["python -m experiments.reproduce generation", f"--entries={','.join(keys)}",
-           f"--seeds={len(seeds)}" if seeds == shared.seeds_list(len(seeds))
-           else f"--seed_list={','.join(map(str, seeds))}", f"--workdir={workdir}"]
-  return " ".join(parts + (["--fast"] if fast else []))
+  return shared.entries_command("generation", keys, seeds=seeds, workdir=workdir, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
