@@ -103,35 +103,13 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   # 4. Train state: abstract first (no memory), shardings from the logical names, then real.
   # ------------------------------------------------------------------------------------------
-  schedule = optim.make_schedule(config.optimizer, total_steps=total_steps,
-                                 steps_per_epoch=steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  root_key = jax.random.key(config.seed)
-  init_key, dropout_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
-  ema_decay = float(config.train.ema_decay)
-
-  def make_model() -> nnx.Module:
-    return model_cls(config.model, **task.model_kwargs(), rngs=nnx.Rngs(params=init_key))
-
-  graphdef = None  # the model's structure, recorded while the state is traced below
-
-  def boxed_init_state() -> dict[str, Any]:
-    """The state with nnx Variables, whose metadata carries the logical axis names."""
-    nonlocal graphdef
-    graphdef, params, extra = nnx.split(make_model(), nnx.Param, ...)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
-             "opt_state": tx.init(params)}
-    if ema_decay > 0:
-      state["ema"] = params
-    return state
-
-  def init_state() -> dict[str, Any]:
-    return unbox_variables(boxed_init_state())
+  step_def = TrainStep(config, task, model_cls, total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch)
 
   # Variables are created without eager sharding: their logical names are resolved by the rules
   # below, not read as mesh axes.
   with nnx.use_eager_sharding(False):
-    boxed_abstract_state = jax.eval_shape(boxed_init_state)  # also sets graphdef
+    boxed_abstract_state = jax.eval_shape(step_def.boxed_init_state)  # records graphdef
     sharding.check_logical_names(boxed_abstract_state["params"])
     state_shardings = unbox_variables(
         sharding.state_shardings(boxed_abstract_state, mesh, rules))
@@ -143,7 +121,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       state, record = checkpoints.restore(_with_shardings(abstract_state, state_shardings))
       _report(f"resumed from {workdir}/checkpoints/{resume_step}")
     else:
-      state = jax.jit(init_state, out_shardings=state_shardings)()
+      state = jax.jit(step_def.init_state, out_shardings=state_shardings)()
       record = {"best_metric": None, "best_step": None, "evals_without_improvement": 0,
                 "training_done": False,
                 "seconds": {"compile": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}}
@@ -152,58 +130,15 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   # 5. Steps.
   # ------------------------------------------------------------------------------------------
-  def loss_fn(params, extra, batch, key):
-    model = nnx.merge(graphdef, params, extra)
-    loss, metrics = task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
-    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state, batch):
-    step_key = jax.random.fold_in(dropout_key, state["step"])
-    if accum == 1:
-      (loss, (metrics, extra)), grads = grad_fn(state["params"], state["extra"], batch, step_key)
-    else:
-      # Micro-batch i takes examples i, i + accum, ...: a strided slice of the batch axis keeps
-      # each device's examples on that device. The mean of equal-size micro-batch means is the
-      # full-batch mean, so the update equals the one without accumulation.
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
-
-      def accumulate(i, carry):
-        grads_sum, loss_sum, metrics_sum, extra = carry
-        micro_batch = jax.tree.map(lambda x: x[:, i], micro)
-        (loss, (metrics, extra)), grads = grad_fn(
-            state["params"], extra, micro_batch, jax.random.fold_in(step_key, i))
-        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
-                jax.tree.map(jnp.add, metrics_sum, metrics), extra)
-
-      zero_metrics = jax.eval_shape(loss_fn, state["params"], state["extra"],
-                                    jax.tree.map(lambda x: x[:, 0], micro), step_key)[1][0]
-      carry = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
-               state["extra"])
-      grads, loss, metrics, extra = jax.lax.fori_loop(0, accum, accumulate, carry)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-      metrics = jax.tree.map(lambda m: m / accum, metrics)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "extra": extra,
-                 "opt_state": opt_state}
-    if ema_decay > 0:
-      new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
-                                      state["ema"], params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state["step"]))
-    return new_state, metrics
-
-  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+  # The train step itself (TrainStep.train_step, below): forward and backward, gradient
+  # accumulation, the optax update and the EMA, jitted here with the state donated.
+  train_step = jax.jit(step_def.train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
 
   def eval_step(params, extra, batch):
-    return task.eval_sums(nnx.merge(graphdef, params, extra), batch)
+    return task.eval_sums(step_def.merge(params, extra), batch)
 
-  eval_params_key = "ema" if ema_decay > 0 else "params"
+  eval_params_key = step_def.eval_params_key
   eval_step = jax.jit(eval_step, in_shardings=(state_shardings[eval_params_key],
                                                state_shardings["extra"], batch_sharding))
 
@@ -334,7 +269,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "mesh": dict(mesh.shape),
   }
-  predict_fn = jax.jit(lambda params, extra, inputs: nnx.merge(graphdef, params, extra)(
+  predict_fn = jax.jit(lambda params, extra, inputs: step_def.merge(params, extra)(
       inputs, train=False, rngs=None))
 
   def predict(inputs):  # the best checkpoint's model, for the task's final scores and pictures
@@ -409,6 +344,95 @@ class Stopwatch:
       yield
     finally:
       self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class TrainStep:
+  """The train state and the training step of a config: what the trainer jits (sections 4-5)
+  and what a benchmark times (experiments/benchmarks/dit_throughput.py), so both run one step.
+
+  `boxed_init_state()` creates the state with nnx Variables, whose metadata carries the logical
+  axis names; tracing it (`jax.eval_shape`) records the model's structure, `graphdef`, which
+  `merge` and the step need. `train_step(state, batch)` is one optimizer update, not jitted:
+  the caller jits it with its shardings.
+  """
+
+  def __init__(self, config: Any, task: Any, model_cls: Any, *, total_steps: int,
+               steps_per_epoch: int):
+    self.config, self.task, self.model_cls = config, task, model_cls
+    self.schedule = optim.make_schedule(config.optimizer, total_steps=total_steps,
+                                        steps_per_epoch=steps_per_epoch)
+    self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+    root_key = jax.random.key(config.seed)
+    self.init_key = jax.random.fold_in(root_key, 0)
+    self.dropout_key = jax.random.fold_in(root_key, 1)
+    self.ema_decay = float(config.train.ema_decay)
+    self.accum = int(config.train.grad_accum_steps)
+    # Evaluation and the final test use the EMA weights when there are some.
+    self.eval_params_key = "ema" if self.ema_decay > 0 else "params"
+    self.graphdef = None  # recorded when boxed_init_state is traced
+    self._grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+  def boxed_init_state(self) -> dict[str, Any]:
+    model = self.model_cls(self.config.model, **self.task.model_kwargs(),
+                           rngs=nnx.Rngs(params=self.init_key))
+    self.graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
+             "opt_state": self.tx.init(params)}
+    if self.ema_decay > 0:
+      state["ema"] = params
+    return state
+
+  def init_state(self) -> dict[str, Any]:
+    return unbox_variables(self.boxed_init_state())
+
+  def merge(self, params: Any, extra: Any) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, extra)
+
+  def _loss(self, params, extra, batch, key):
+    model = self.merge(params, extra)
+    loss, metrics = self.task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
+    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+  def train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
+    step_key = jax.random.fold_in(self.dropout_key, state["step"])
+    accum = self.accum
+    if accum == 1:
+      (loss, (metrics, extra)), grads = self._grad_fn(state["params"], state["extra"], batch,
+                                                      step_key)
+    else:
+      # Micro-batch i takes examples i, i + accum, ...: a strided slice of the batch axis keeps
+      # each device's examples on that device. The mean of equal-size micro-batch means is the
+      # full-batch mean, so the update equals the one without accumulation.
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
+
+      def accumulate(i, carry):
+        grads_sum, loss_sum, metrics_sum, extra = carry
+        micro_batch = jax.tree.map(lambda x: x[:, i], micro)
+        (loss, (metrics, extra)), grads = self._grad_fn(
+            state["params"], extra, micro_batch, jax.random.fold_in(step_key, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+                jax.tree.map(jnp.add, metrics_sum, metrics), extra)
+
+      zero_metrics = jax.eval_shape(self._loss, state["params"], state["extra"],
+                                    jax.tree.map(lambda x: x[:, 0], micro), step_key)[1][0]
+      carry = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
+               state["extra"])
+      grads, loss, metrics, extra = jax.lax.fori_loop(0, accum, accumulate, carry)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "extra": extra,
+                 "opt_state": opt_state}
+    if self.ema_decay > 0:
+      decay = self.ema_decay
+      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                      state["ema"], params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=self.schedule(state["step"]))
+    return new_state, metrics
 
 
 def unbox_variables(tree: Any) -> Any:

@@ -9,11 +9,11 @@ same DiT with linear attention) timed in the same run as the baseline.
   python -m experiments.benchmarks.dit_throughput --json=/tmp/dit_throughput.json
 
 What is timed: one training step of `experiments/configs/dit.py:data=<data>,size=<size>,
-patch=<patch>,objective=<objective>`, built through the calls `paperzoo.trainer` makes (the
-registry's task and model, `optim.make_schedule` / `make_optimizer`, the task's loss under
-`jax.value_and_grad`, the optax update and the EMA of the weights, the state donated), on one
-device, with one batch of real training images already on the device: the trainer's host-side
-batch assembly and its metric logging are not part of it, so this is the step's own speed.
+patch=<patch>,objective=<objective>`, the trainer's own `paperzoo.trainer.TrainStep` (the
+task's loss under `jax.value_and_grad`, the optax update and the EMA of the weights, the state
+donated), on one device, with one batch of real training images already on the device: the
+trainer's host-side batch assembly and its metric logging are not part of it, so this is the
+step's own speed.
 After compiling and `--warmup` steps, `--repeats` windows of `--steps` steps are timed (each
 ends when the last step's outputs are ready); the median window gives images/s.
 
@@ -44,9 +44,7 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app
 from absl import flags
 from absl import logging
@@ -54,7 +52,7 @@ from flax import nnx
 
 from experiments.benchmarks import machine
 from experiments.configs import dit as dit_config
-from paperzoo import optim
+from paperzoo import trainer
 from paperzoo.registry import MODELS, TASKS
 
 _DATA = flags.DEFINE_enum("data", "mnist", ["mnist", "cifar10"], "Training images.")
@@ -152,57 +150,20 @@ def dit_config_for(*, data: str, size: str, patch: int, objective: str, mixer: s
 
 
 def build_train_step(config: Any) -> dict[str, Any]:
-  """The trainer's training step (paperzoo/trainer.py, sections 4-5, one device, no gradient
-  accumulation): returns the jitted step, an initial state and a device batch."""
+  """The trainer's training step (`paperzoo.trainer.TrainStep`) on one device: returns the
+  jitted step (state donated), an initial state and a device batch."""
   task = TASKS.get(config.task.name)(config)
-  model_cls = MODELS.get(config.model.name)
   batch_size = int(config.train.batch_size)
   train_set = task.splits["train"]
-  steps_per_epoch = max(1, len(train_set) // batch_size)
-  schedule = optim.make_schedule(config.optimizer, total_steps=int(config.train.num_steps),
-                                 steps_per_epoch=steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  root_key = jax.random.key(config.seed)
-  init_key, dropout_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
-  ema_decay = float(config.train.ema_decay)
-  graphdef = None  # recorded while the state is traced
-
-  def init_state() -> dict[str, Any]:
-    nonlocal graphdef
-    model = model_cls(config.model, **task.model_kwargs(), rngs=nnx.Rngs(params=init_key))
-    graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-    params, extra = nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
-             "opt_state": tx.init(params)}
-    if ema_decay > 0:
-      state["ema"] = params
-    return state
-
-  def loss_fn(params, extra, batch, key):
-    model = nnx.merge(graphdef, params, extra)
-    loss, metrics = task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
-    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state, batch):
-    step_key = jax.random.fold_in(dropout_key, state["step"])
-    (loss, (metrics, extra)), grads = grad_fn(state["params"], state["extra"], batch, step_key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "extra": extra,
-                 "opt_state": opt_state}
-    if ema_decay > 0:
-      new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
-                                      state["ema"], params)
-    return new_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-
+  step_def = trainer.TrainStep(config, task, MODELS.get(config.model.name),
+                               total_steps=int(config.train.num_steps),
+                               steps_per_epoch=max(1, len(train_set) // batch_size))
   with nnx.use_eager_sharding(False):
-    state = jax.jit(init_state)()
+    state = jax.jit(step_def.init_state)()
   indices = np.arange(batch_size) % len(train_set)
   batch = jax.device_put(train_set.get_batch(indices))
-  return {"step": jax.jit(train_step, donate_argnums=0), "state": state, "batch": batch,
-          "num_params": sum(x.size for x in jax.tree.leaves(state["params"])),
+  return {"step": jax.jit(step_def.train_step, donate_argnums=0), "state": state,
+          "batch": batch, "num_params": sum(x.size for x in jax.tree.leaves(state["params"])),
           "image_shape": task.image_shape}
 
 
