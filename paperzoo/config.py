@@ -76,7 +76,8 @@ def base_config() -> ConfigDict:
   config.train = ConfigDict()
   # Global batch size of one optimizer update, summed over all devices and micro-batches.
   config.train.batch_size = 32
-  # Evaluation batch size; the last partial batch is padded and masked, never dropped.
+  # Evaluation batch size; the last partial batch is padded and masked, never dropped. A split
+  # smaller than this is evaluated in one batch of its own size (rounded up to the shards).
   config.train.eval_batch_size = 256
   # Training length: `num_steps` if > 0, else `num_epochs` passes over the training set. An
   # epoch is floor(train examples / batch_size) steps; the incomplete last batch is skipped

@@ -143,9 +143,13 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
                                                state_shardings["extra"], batch_sharding))
 
   def evaluate(state, split: str) -> dict[str, float]:
+    dataset = task.splits[split]
+    # A split smaller than the eval batch is padded only up to the batch shards: UEA's
+    # 3-series validation split must not cost 256 forward passes at every evaluation.
+    batch_size = min(eval_batch_size, -(-len(dataset) // shards) * shards)
     sums = evaluate_sums(
-        task.splits[split], lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
-        batch_size=eval_batch_size, batch_sharding=batch_sharding)
+        dataset, lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
+        batch_size=batch_size, batch_sharding=batch_sharding)
     return task.summarize(sums)
 
   # ------------------------------------------------------------------------------------------

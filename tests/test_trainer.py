@@ -60,6 +60,27 @@ def test_evaluation_sees_every_example_exactly_once():
   assert sums == {"count": 37.0, "total": float(sum(range(37)))}
 
 
+def test_a_split_smaller_than_the_eval_batch_is_not_padded_up_to_it(tmp_path, monkeypatch):
+  seen = []
+  original = trainer.evaluate_sums
+
+  def recording(dataset, eval_fn, *, batch_size, batch_sharding):
+    seen.append((len(dataset), batch_size))
+    return original(dataset, eval_fn, batch_size=batch_size, batch_sharding=batch_sharding)
+
+  monkeypatch.setattr(trainer, "evaluate_sums", recording)
+  one_batch = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=2, eval_batch_size=100_000),
+                                          tmp_path / "one_batch")
+  assert seen and all(n <= size < n + jax.device_count() for n, size in seen), seen
+  seen.clear()
+  # Many small batches give the same scores: the batch size changes the cost, not the result.
+  small = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=2, eval_batch_size=7),
+                                      tmp_path / "small")
+  assert all(size == 7 for _, size in seen), seen
+  assert small["test"] == pytest.approx(one_batch["test"], rel=1e-5)
+  assert small["val"] == pytest.approx(one_batch["val"], rel=1e-5)
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path / "full")
   paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3, grad_accum_steps=4), tmp_path / "accum")
