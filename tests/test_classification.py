@@ -96,6 +96,25 @@ def test_eval_sums_ignore_padding():
   assert summary["loss"] == pytest.approx(nll.mean(), rel=1e-6)
 
 
+def test_predicted_labels_never_pad_a_small_split_up_to_the_batch():
+  logits = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+  task = _task()
+  task.splits = {"test": classification_data.ArraySplit({"inputs": logits,
+                                                         "label": np.zeros(7)})}
+  seen = []
+
+  def predict(inputs):
+    seen.append(len(inputs["inputs"]))
+    return inputs["inputs"]
+
+  predicted = task.predict_labels(predict, "test", batch_size=500)
+  np.testing.assert_array_equal(predicted, logits.argmax(1))
+  assert seen == [7]  # one batch of the split's own size, not 500
+  predicted = task.predict_labels(predict, "test", batch_size=3)
+  np.testing.assert_array_equal(predicted, logits.argmax(1))
+  assert seen[1:] == [3, 3, 3]
+
+
 def test_augmentation_only_for_images(tmp_path):
   config = ConfigDict({"data": common.classification_data("uea"),
                        "task": common.classification_task(flip=True)})
