@@ -108,11 +108,17 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) ->
 
 def batch_divisor(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> int:
   """Batch sizes must be multiples of this: the number of shards of the batch axis."""
-  axes = dict(rules).get("batch")
+  return batch_shards(batch_sharding(mesh, rules))
+
+
+def batch_shards(sharding: NamedSharding | None) -> int:
+  """How many pieces `sharding` (a `batch_sharding`, or None: one device) cuts the batch axis
+  into."""
+  axes = sharding.spec[0] if sharding is not None and len(sharding.spec) else None
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[axis] for axis in axes)
+  return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

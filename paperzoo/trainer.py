@@ -42,6 +42,7 @@ from paperzoo import metric_writers
 from paperzoo import optim
 from paperzoo import plots
 from paperzoo import sharding
+from paperzoo.data import batches
 from paperzoo.registry import DATASETS, MODELS, TASKS
 
 
@@ -143,13 +144,9 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
                                                state_shardings["extra"], batch_sharding))
 
   def evaluate(state, split: str) -> dict[str, float]:
-    dataset = task.splits[split]
-    # A split smaller than the eval batch is padded only up to the batch shards: UEA's
-    # 3-series validation split must not cost 256 forward passes at every evaluation.
-    batch_size = min(eval_batch_size, -(-len(dataset) // shards) * shards)
     sums = evaluate_sums(
-        dataset, lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
-        batch_size=batch_size, batch_sharding=batch_sharding)
+        task.splits[split], lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
+        batch_size=eval_batch_size, batch_sharding=batch_sharding)
     return task.summarize(sums)
 
   # ------------------------------------------------------------------------------------------
@@ -297,16 +294,16 @@ def evaluate_sums(dataset: Any, eval_fn: Callable[[dict[str, jax.Array]], dict[s
                   *, batch_size: int, batch_sharding: Any) -> dict[str, float]:
   """Sums `eval_fn`'s statistics over every example of `dataset`, none dropped.
 
-  The last partial batch is padded to `batch_size` (so the jitted step compiles once) by
-  repeating the last index, and `batch["mask"]` marks the padding with 0 for `eval_fn` to
-  ignore. The per-batch sums are added up on the host in float64.
+  Batches come from `batches.batch_indices`: the last one is padded (so the jitted step compiles
+  once) and `batch["mask"]` marks the padding with 0 for `eval_fn` to ignore; a split smaller
+  than `batch_size` is one batch of its own size, rounded up to the batch shards (UEA's
+  3-series validation split must not cost 256 forward passes at every evaluation). The
+  per-batch sums are added up on the host in float64.
   """
   sums = []
-  for start in range(0, len(dataset), batch_size):
-    indices = np.arange(start, min(start + batch_size, len(dataset)))
-    mask = np.zeros(batch_size, np.float32)
-    mask[:len(indices)] = 1.0
-    indices = np.pad(indices, (0, batch_size - len(indices)), mode="edge")
+  for indices, count in batches.batch_indices(len(dataset), batch_size, shrink=True,
+                                              multiple_of=sharding.batch_shards(batch_sharding)):
+    mask = (np.arange(len(indices)) < count).astype(np.float32)
     batch = dict(dataset.get_batch(indices), mask=mask)
     sums.append(eval_fn(sharding.shard_batch(batch, batch_sharding)))
   return jax.tree.map(lambda *xs: float(np.sum(np.asarray(xs, np.float64))),

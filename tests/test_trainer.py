@@ -61,12 +61,19 @@ def test_evaluation_sees_every_example_exactly_once():
 
 
 def test_a_split_smaller_than_the_eval_batch_is_not_padded_up_to_it(tmp_path, monkeypatch):
-  seen = []
+  seen = []  # (examples in the split, size of each batch it was scored in)
   original = trainer.evaluate_sums
 
   def recording(dataset, eval_fn, *, batch_size, batch_sharding):
-    seen.append((len(dataset), batch_size))
-    return original(dataset, eval_fn, batch_size=batch_size, batch_sharding=batch_sharding)
+    sizes = []
+
+    def sized(batch):
+      sizes.append(batch["mask"].shape[0])
+      return eval_fn(batch)
+
+    sums = original(dataset, sized, batch_size=batch_size, batch_sharding=batch_sharding)
+    seen.extend((len(dataset), size) for size in sizes)
+    return sums
 
   monkeypatch.setattr(trainer, "evaluate_sums", recording)
   one_batch = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=2, eval_batch_size=100_000),

@@ -94,6 +94,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from paperzoo.data import batches
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -600,12 +602,9 @@ def pool3_features(images: Any, weights: str | os.PathLike | FIDInceptionV3, *,
     if cache_key in _FEATURE_CACHE:
       _FEATURE_CACHE.move_to_end(cache_key)
       return _FEATURE_CACHE[cache_key].copy()
-  outputs = []
-  for start in range(0, len(images), batch):
-    chunk = images[start:start + batch]
-    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-    outputs.append(np.asarray(_pool3(graphdef, state, jnp.asarray(padded), resize))[:len(chunk)])
-  features = np.concatenate(outputs).astype(np.float32)
+  features = batches.map_batches(
+      lambda indices: _pool3(graphdef, state, jnp.asarray(images[indices]), resize),
+      len(images), batch).astype(np.float32)
   if cache_key is not None:
     _FEATURE_CACHE[cache_key] = features.copy()
     while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:

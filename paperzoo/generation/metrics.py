@@ -60,6 +60,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from paperzoo.data import batches
+
 REFERENCE_DATA_SETS = ("mnist", "cifar10")
 _BATCH = 500  # images per jitted call of the reference classifier
 
@@ -159,12 +161,8 @@ class ReferenceClassifier:
 
   def _apply(self, images: np.ndarray, which: str) -> np.ndarray:
     images = self._check_images(images)
-    outputs = []
-    for start in range(0, len(images), _BATCH):
-      chunk = images[start:start + _BATCH]
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], _BATCH - len(chunk), 0)])
-      outputs.append(np.asarray(self._run(self._state, padded, which))[:len(chunk)])
-    return np.concatenate(outputs).astype(np.float32)
+    return batches.map_batches(lambda indices: self._run(self._state, images[indices], which),
+                               len(images), _BATCH).astype(np.float32)
 
   def _check_images(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.registry import DATASETS, TASKS
 
@@ -121,18 +122,12 @@ class ClassificationTask:
 
   def predict_labels(self, predict: Callable[[dict[str, np.ndarray]], Any], split: str, *,
                      batch_size: int = 500) -> np.ndarray:
-    """The predicted class of every example of `split` (the last batch padded, then cut)."""
+    """The predicted class of every example of `split`, in batches that never pad a small
+    split up to `batch_size` (`batches.map_batches`)."""
     dataset = self.splits[split]
-    # Never pad beyond the split: 15 AtrialFibrillation series padded to 500 made the attention
-    # scores of the padding alone take 20 GB.
-    batch_size = min(batch_size, len(dataset))
-    predictions = []
-    for start in range(0, len(dataset), batch_size):
-      indices = np.arange(start, min(start + batch_size, len(dataset)))
-      padded = np.pad(indices, (0, batch_size - len(indices)), mode="edge")
-      logits = np.asarray(predict(self.inputs(dataset.get_batch(padded))))
-      predictions.append(np.argmax(logits, -1)[:len(indices)])
-    return np.concatenate(predictions)
+    return batches.map_batches(
+        lambda indices: np.argmax(predict(self.inputs(dataset.get_batch(indices))), -1),
+        len(dataset), batch_size, shrink=True)
 
   def write_pictures(self, predict: Callable[[dict[str, np.ndarray]], Any],
                      workdir: pathlib.Path, *, num_examples: int = 16) -> list[pathlib.Path]:

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.generation import diffusion
 from paperzoo.registry import DATASETS, TASKS
@@ -329,15 +330,15 @@ class DiffusionTask:
     drawn `sample_batch_size` at a time (the last batch padded, so one compilation)."""
     sample = self.make_sampler(predict, guidance_scale=guidance_scale)
     key = jax.random.key(self.sample_seed if seed is None else seed)
-    batch = min(self.sample_batch_size, len(labels))
-    images = []
-    for start in range(0, len(labels), batch):
-      chunk = np.asarray(labels[start:start + batch], np.int32)
-      padded = np.pad(chunk, (0, batch - len(chunk)), mode="edge")
-      x0, _ = sample(jnp.asarray(padded), jax.random.fold_in(key, start))
-      images.append(np.asarray(x0)[:len(chunk)])
+    labels = np.asarray(labels, np.int32)
+    # Batch keys are folded from the batch's first index, so samples do not depend on how many
+    # batches came before.
+    images = batches.map_batches(
+        lambda indices: sample(jnp.asarray(labels[indices]),
+                               jax.random.fold_in(key, int(indices[0])))[0],
+        len(labels), self.sample_batch_size, shrink=True)
     height, width = self.native_shape[:2]
-    return crop_images(to_uint8(np.concatenate(images)), height, width)
+    return crop_images(to_uint8(images), height, width)
 
   def final_metrics(self, predict: Predict, workdir: pathlib.Path) -> dict[str, Any]:
     """Sample-based scores of the trained model (module docstring); {} if samples_per_class

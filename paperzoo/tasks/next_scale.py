@@ -72,6 +72,7 @@ import optax
 from flax import nnx
 
 from paperzoo import plots
+from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.data import files
 from paperzoo.models import var as var_model
@@ -186,14 +187,9 @@ def encode_images(tokenizer: nnx.Module, images: np.ndarray, *,
             jnp.concatenate([x.reshape(batch, -1, x.shape[-1]) for x in inputs],
                             axis=1).astype(jnp.float16))
 
-  tokens, scale_inputs = [], []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-    out_tokens, out_inputs = jax.device_get(encode(state, padded))
-    tokens.append(np.asarray(out_tokens[:len(chunk)], np.int32))
-    scale_inputs.append(np.asarray(out_inputs[:len(chunk)]))
-  return {"tokens": np.concatenate(tokens), "scale_inputs": np.concatenate(scale_inputs)}
+  tokens, scale_inputs = batches.map_batches(lambda indices: encode(state, images[indices]),
+                                             len(images), batch_size)
+  return {"tokens": tokens.astype(np.int32), "scale_inputs": scale_inputs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,17 +349,12 @@ class NextScaleTask:
     sampler = sampler or self.make_sampler(model)
     scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
     key = jax.random.key(self.sample_seed if seed is None else seed)
-    batch = min(self.sample_batch_size, len(labels))
-    images, token_maps = [], []
-    for start in range(0, len(labels), batch):
-      chunk = np.asarray(labels[start:start + batch], np.int32)
-      padded = np.pad(chunk, (0, batch - len(chunk)), mode="edge")
-      out_images, out_maps = jax.device_get(
-          sampler(jnp.asarray(padded), jax.random.fold_in(key, start), scale))
-      images.append(np.asarray(out_images)[:len(chunk)])
-      token_maps.append([np.asarray(m)[:len(chunk)] for m in out_maps])
-    return (to_uint8(np.clip(np.concatenate(images), -1.0, 1.0)),
-            [np.concatenate(maps) for maps in zip(*token_maps)])
+    labels = np.asarray(labels, np.int32)
+    images, token_maps = batches.map_batches(  # keys folded from each batch's first index
+        lambda indices: sampler(jnp.asarray(labels[indices]),
+                                jax.random.fold_in(key, int(indices[0])), scale),
+        len(labels), self.sample_batch_size, shrink=True)
+    return to_uint8(np.clip(images, -1.0, 1.0)), list(token_maps)
 
   def decode_prefixes(self, token_maps: list[np.ndarray]) -> np.ndarray:
     """uint8 [B, K, H, W, C]: the images decoded from f_hat after 1, 2, ..., K scales of

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo.data import batches
 from paperzoo.registry import DATASETS, TASKS
 
 IMAGE_DATA_SETS = ("cifar10", "mnist")
@@ -142,15 +143,13 @@ class TokenizerTask:
     """uint8 reconstructions of every image of `split` and the token maps (a list per scale,
     empty if the model returns no "indices"); the last batch is padded, then cut."""
     images = self.splits[split].arrays["inputs"]
-    reconstructions, token_maps = [], []
-    for start in range(0, len(images), batch_size):
-      indices = np.arange(start, min(start + batch_size, len(images)))
-      padded = np.pad(indices, (0, batch_size - len(indices)), mode="edge")
-      outputs = jax.device_get(predict(self.inputs({"inputs": images[padded]})))
-      reconstructions.append(np.asarray(outputs["reconstruction"])[:len(indices)])
-      token_maps.append([np.asarray(m)[:len(indices)] for m in outputs.get("indices", [])])
-    return (to_uint8(np.concatenate(reconstructions)),
-            [np.concatenate(maps) for maps in zip(*token_maps)])
+
+    def reconstruct(indices):
+      outputs = predict(self.inputs({"inputs": images[indices]}))
+      return outputs["reconstruction"], list(outputs.get("indices", []))
+
+    reconstructions, token_maps = batches.map_batches(reconstruct, len(images), batch_size)
+    return to_uint8(reconstructions), token_maps
 
   def code_usage(self, token_maps: list[np.ndarray]) -> dict[str, Any]:
     """How often each code occurs in `token_maps`, and the fraction of codes used (in all and
