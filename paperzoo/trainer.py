@@ -98,7 +98,6 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   if batch_size % (accum * shards):
     raise ValueError(f"train.batch_size={batch_size} must be a multiple of "
                      f"train.grad_accum_steps ({accum}) x batch shards ({shards})")
-  eval_batch_size = -(-int(config.train.eval_batch_size) // shards) * shards
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
   # ------------------------------------------------------------------------------------------
@@ -146,7 +145,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   def evaluate(state, split: str) -> dict[str, float]:
     sums = evaluate_sums(
         task.splits[split], lambda batch: eval_step(state[eval_params_key], state["extra"], batch),
-        batch_size=eval_batch_size, batch_sharding=batch_sharding)
+        batch_size=int(config.train.eval_batch_size), batch_sharding=batch_sharding)
     return task.summarize(sums)
 
   # ------------------------------------------------------------------------------------------
@@ -294,11 +293,11 @@ def evaluate_sums(dataset: Any, eval_fn: Callable[[dict[str, jax.Array]], dict[s
                   *, batch_size: int, batch_sharding: Any) -> dict[str, float]:
   """Sums `eval_fn`'s statistics over every example of `dataset`, none dropped.
 
-  Batches come from `batches.batch_indices`: the last one is padded (so the jitted step compiles
-  once) and `batch["mask"]` marks the padding with 0 for `eval_fn` to ignore; a split smaller
-  than `batch_size` is one batch of its own size, rounded up to the batch shards (UEA's
-  3-series validation split must not cost 256 forward passes at every evaluation). The
-  per-batch sums are added up on the host in float64.
+  Batches come from `batches.batch_indices`, rounded up to a multiple of the batch shards: the
+  last one is padded (so the jitted step compiles once) and `batch["mask"]` marks the padding
+  with 0 for `eval_fn` to ignore; a split smaller than `batch_size` is one batch of its own
+  size (UEA's 3-series validation split must not cost 256 forward passes at every
+  evaluation). The per-batch sums are added up on the host in float64.
   """
   sums = []
   for indices, count in batches.batch_indices(len(dataset), batch_size, shrink=True,

@@ -20,6 +20,7 @@ def test_every_index_once_and_the_padding_repeats_the_last(num_examples, batch_s
     (15, 500, 1, 15),  # 15 UEA test series are one batch of 15, not 500
     (3, 256, 2, 4),    # rounded up to the batch shards
     (1000, 256, 8, 256),
+    (1000, 250, 8, 256),  # every batch splits evenly over the shards
 ])
 def test_shrink_cuts_a_small_split_to_its_own_size(num_examples, batch_size, multiple_of,
                                                    expected):

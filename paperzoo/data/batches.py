@@ -1,11 +1,12 @@
 """Batches over a whole split, none dropped: the one loop behind evaluation, prediction,
 sampling and feature extraction.
 
-A jitted function compiles once per input shape, so every batch has the same size: the last
-partial batch is padded by repeating its last index, and the padding is cut from the outputs
-(or masked, for sums). With `shrink=True` a split smaller than `batch_size` gets one batch of
-its own size, rounded up to `multiple_of` (the batch shards of a mesh): 15 UEA test series are
-not padded to 500, whose attention scores alone once took 20 GB.
+A jitted function compiles once per input shape, so every batch has the same size, a multiple
+of `multiple_of` (the batch shards of a mesh): the last partial batch is padded by repeating
+its last index, and the padding is cut from the outputs (or masked, for sums). With
+`shrink=True` a split smaller than `batch_size` gets one batch of its own size (rounded up
+likewise): 15 UEA test series are not padded to 500, whose attention scores alone once took
+20 GB.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def batch_indices(num_examples: int, batch_size: int, *, shrink: bool = False,
     raise ValueError(f"need at least one example and a positive batch size, got "
                      f"{num_examples} examples and batch size {batch_size}")
   if shrink:
-    batch_size = min(batch_size, -(-num_examples // multiple_of) * multiple_of)
+    batch_size = min(batch_size, num_examples)
+  batch_size = -(-batch_size // multiple_of) * multiple_of
   for start in range(0, num_examples, batch_size):
     indices = np.arange(start, min(start + batch_size, num_examples))
     yield np.pad(indices, (0, batch_size - len(indices)), mode="edge"), len(indices)
