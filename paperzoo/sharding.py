@@ -106,14 +106,9 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) ->
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",), rules))
 
 
-def batch_divisor(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> int:
-  """Batch sizes must be multiples of this: the number of shards of the batch axis."""
-  return batch_shards(batch_sharding(mesh, rules))
-
-
 def batch_shards(sharding: NamedSharding | None) -> int:
   """How many pieces `sharding` (a `batch_sharding`, or None: one device) cuts the batch axis
-  into."""
+  into; batch sizes must be multiples of it."""
   axes = sharding.spec[0] if sharding is not None and len(sharding.spec) else None
   if axes is None:
     return 1

@@ -93,12 +93,12 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(rule) for rule in config.sharding_rules)
-  shards = sharding.batch_divisor(mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  shards = sharding.batch_shards(batch_sharding)
   accum = int(config.train.grad_accum_steps)
   if batch_size % (accum * shards):
     raise ValueError(f"train.batch_size={batch_size} must be a multiple of "
                      f"train.grad_accum_steps ({accum}) x batch shards ({shards})")
-  batch_sharding = sharding.batch_sharding(mesh, rules)
 
   # ------------------------------------------------------------------------------------------
   # 4. Train state: abstract first (no memory), shardings from the logical names, then real.
