@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from experiments import forecasting_grid as shared
+from experiments import run_ledger
 
 REPO_ROOT = shared.REPO_ROOT
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce_classification")
@@ -94,6 +95,12 @@ class ClassificationRun:
   seed: int
   workdir: pathlib.Path
   fast: bool = False
+  ledger: run_ledger.Ledger | None = dataclasses.field(default=None, compare=False, repr=False)
+
+  @property
+  def key(self) -> str:
+    """The run's name in the ledger: its workdir below the grid's root."""
+    return f"{'fast' if self.fast else 'protocol'}/{self.entry.key}/seed{self.seed}"
 
   @property
   def config_arg(self) -> str:
@@ -109,9 +116,10 @@ class ClassificationRun:
 
 
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
-         fast: bool = False) -> list[ClassificationRun]:
+         fast: bool = False, ledger: run_ledger.Ledger | None = None
+         ) -> list[ClassificationRun]:
   root = shared.check_workdir(workdir) / ("fast" if fast else "protocol")
-  return [ClassificationRun(entry, seed, root / entry.key / f"seed{seed}", fast)
+  return [ClassificationRun(entry, seed, root / entry.key / f"seed{seed}", fast, ledger)
           for entry in chosen for seed in shared.seeds_list(seeds)]
 
 
@@ -123,18 +131,29 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
   """Trains every unfinished run of the chosen entries (default: the CPU ones), writing the
   report after each; returns the runs by outcome (as `forecasting_grid.run_forecasting`)."""
   chosen = entries(keys if keys is not None else CPU_KEYS)
-  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast)
-  command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
+  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
+  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
 
   def write() -> None:
     if report is not None:
-      write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast), report,
-                   command=command, fast=fast)
+      update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
   return shared.train_runs(
       grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
       describe=lambda run: f"{run.entry.key} seed {run.seed}",
       summarize=lambda results: f"test accuracy={results['test']['accuracy']:.4f}")
+
+
+def update_report(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
+                  workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
+                  ) -> dict[str, pathlib.Path]:
+  """Records the finished workdirs in the report's ledger, then rewrites the report from the
+  workdirs and the ledger; returns write_report's paths."""
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  ledger.sync(runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
+  command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
+  return write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger),
+                      report, command=command, fast=fast)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
@@ -148,7 +167,7 @@ class Row:
   accuracies: list[float]
   status: str
   commands: list[str]
-  finished: list[float]  # results.json modification times
+  finished: list[float]  # when the finished runs' results.json were written (where known)
 
   @property
   def mean_std(self) -> tuple[float, float]:
@@ -156,11 +175,13 @@ class Row:
 
 
 def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
-            workdir: str | os.PathLike, fast: bool = False) -> list[Row]:
-  """Each entry's finished, up-to-date runs (stale and failed ones are named, not averaged)."""
+            workdir: str | os.PathLike, fast: bool = False,
+            ledger: run_ledger.Ledger | None = None) -> list[Row]:
+  """Each entry's finished, up-to-date runs, from the workdirs, then `ledger` (stale and failed
+  ones are named, not averaged)."""
   rows = []
   by_entry: dict[str, list[ClassificationRun]] = {}
-  for run in runs(chosen, seeds=seeds, workdir=workdir, fast=fast):
+  for run in runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger):
     by_entry.setdefault(run.entry.key, []).append(run)
   for entry in chosen:
     entry_runs = by_entry[entry.key]
@@ -173,7 +194,7 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
               ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     rows.append(Row(entry, [s.results["test"]["accuracy"] for _, s in done], status,
                     [run.command for run in entry_runs],
-                    [(run.workdir / "results.json").stat().st_mtime for run, _ in done]))
+                    [s.finished for _, s in done if s.finished is not None]))
   return rows
 
 
@@ -191,9 +212,13 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
   path.parent.mkdir(parents=True, exist_ok=True)
   machine = shared.machine_description()
   finished = [t for row in rows for t in row.finished]
+  done = sum(len(row.accuracies) for row in rows)
   dates = (f"runs finished between {shared.format_date(min(finished))} and "
-           f"{shared.format_date(max(finished))}"
-           if finished else "no run finished yet")
+           f"{shared.format_date(max(finished))}" if finished else "")
+  if done > len(finished):  # records recovered without their time (run_ledger)
+    dates += ("; " if dates else "") + (f"{done - len(finished)} of {done} finished runs at "
+                                        "unknown times (recovered records, see the ledger)")
+  dates = dates or "no run finished yet"
   lines = [
       "# Classification: Long Range Arena, vision backbones, UEA", "",
       f"- Command: `{command}`",

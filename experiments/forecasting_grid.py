@@ -37,11 +37,12 @@ import math
 import os
 import pathlib
 import platform
-import subprocess
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from experiments import run_ledger
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
@@ -176,6 +177,14 @@ class Run:
   seed: int
   workdir: pathlib.Path
   fast: bool = False
+  # The report's record of finished runs, read when the workdir holds none (run_ledger).
+  ledger: run_ledger.Ledger | None = dataclasses.field(default=None, compare=False, repr=False)
+
+  @property
+  def key(self) -> str:
+    """The run's name in the ledger: its workdir below the grid's root."""
+    return (f"{'fast' if self.fast else 'protocol'}/{self.model}/"
+            f"{self.data}_{self.seq_len}_{self.pred_len}/seed{self.seed}")
 
   @property
   def config_arg(self) -> str:
@@ -260,8 +269,9 @@ def horizons_of(data: str, horizons: Iterable[int] | None = None) -> list[int]:
 
 def runs(models: Sequence[str], datasets: Sequence[str], *, seeds: int | Sequence[int] = 3,
          horizons: Iterable[int] | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
-         fast: bool = False) -> list[Run]:
-  """The grid's runs in order: model, data set, horizon, seed."""
+         fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[Run]:
+  """The grid's runs in order: model, data set, horizon, seed (reading `ledger` for runs whose
+  workdir holds no result)."""
   root = check_workdir(workdir) / ("fast" if fast else "protocol")
   horizons = None if horizons is None else set(horizons)
   result = []
@@ -271,29 +281,9 @@ def runs(models: Sequence[str], datasets: Sequence[str], *, seeds: int | Sequenc
         seq_len = PROTOCOL[data][0]
         for seed in seeds_list(seeds):
           result.append(Run(model, data, seq_len, pred_len, seed,
-                            root / model / f"{data}_{seq_len}_{pred_len}" / f"seed{seed}", fast))
+                            root / model / f"{data}_{seq_len}_{pred_len}" / f"seed{seed}", fast,
+                            ledger))
   return result
-
-
-# Config keys that do not change what a run computes (or only its float rounding).
-_IGNORED_CONFIG_KEYS = ("train.progress_bar", "train.plots", "train.log_every_steps",
-                        "train.eval_batch_size", "data.root", "mesh", "sharding_rules")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Keys whose values differ between two config dicts, ignoring the ones that change nothing."""
-  a, b = _flatten(saved), _flatten(current)
-  ignored = lambda key: any(key == k or key.startswith(k + ".") for k in _IGNORED_CONFIG_KEYS)
-  return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
 
 
 @dataclasses.dataclass
@@ -304,14 +294,16 @@ class RunState:
   status: str
   results: dict[str, Any] | None = None
   detail: str = ""
+  finished: float | None = None  # when results.json was written (None: unknown)
 
 
 # Cells the grid cannot run as configured (shown with the reason, never trained).
 REFUSED = ("no config", "config error", "unsupported")
 
 
-def run_state(run: Run) -> RunState:
-  """Reads `run.workdir`: finished (and still matching today's config), half done, failed..."""
+def run_state(run: Any) -> RunState:
+  """Reads `run.workdir`, then `run.ledger` (a run's record there outlives its workdir):
+  finished (and still matching today's config), half done, failed..."""
   try:
     config = run.config()
   except FileNotFoundError as error:
@@ -325,17 +317,26 @@ def run_state(run: Run) -> RunState:
     results = json.loads(results_path.read_text())
     saved_path = run.workdir / "config.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    differences = config_differences(saved, json.loads(config.to_json_best_effort()))
+    finished = results_path.stat().st_mtime
+    differences = run_ledger.config_differences(saved, run_ledger.config_dict(config))
     if differences:
       return RunState("stale", results, "config changed since the run: "
-                      + ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else ""))
-    return RunState("done", results)
+                      + ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else ""),
+                      finished)
+    return RunState("done", results, finished=finished)
   error_path = run.workdir / "error.txt"
   if error_path.exists():
     lines = error_path.read_text().strip().splitlines()
     return RunState("failed", detail=lines[-1] if lines else "")
   if (run.workdir / "checkpoints").exists():
     return RunState("started", detail="checkpoints without results.json: resumes when run")
+  record = run.ledger.get(run.key) if run.ledger is not None else None
+  if record is not None:
+    if record.config_digest != run_ledger.config_digest(run_ledger.config_dict(config)):
+      return RunState("stale", record.results, f"config changed since the run (recorded in "
+                      f"{run.ledger.path.name} at commit {record.commit}; its workdir is gone)",
+                      record.finished)
+    return RunState("done", record.results, finished=record.finished)
   return RunState("not run")
 
 
@@ -354,20 +355,36 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
   """
   models = list(models) if models else default_models()
   datasets = list(datasets) if datasets else list(PROTOCOL)
-  grid_runs = runs(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir, fast=fast)
+  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
+  grid_runs = runs(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir, fast=fast,
+                   ledger=ledger)
   command = reproduce_command(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir,
                               fast=fast, rerun_stale=rerun_stale)
 
   def write() -> None:
     if report is not None:
-      write_report(collect(report_models(models), seeds=seeds, workdir=workdir, fast=fast),
-                   report, command=command, fast=fast)
+      update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report,
+                    command=command)
 
   return train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
                     log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
                                                   f"{run.pred_len} seed {run.seed}",
                     summarize=lambda results: f"test mse={results['test']['mse']:.4f} "
                                               f"mae={results['test']['mae']:.4f}")
+
+
+def update_report(models: Sequence[str], *, seeds: int | Sequence[int],
+                  workdir: str | os.PathLike, fast: bool, report: str | os.PathLike,
+                  command: str) -> dict[str, pathlib.Path]:
+  """Records the finished workdirs in the report's ledger, then rewrites the report (every
+  model of `report_models(models)`) from the workdirs and the ledger; returns write_report's
+  paths."""
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  models = report_models(models)
+  ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
+                   ledger=ledger))
+  rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+  return write_report(rows, report, command=command, fast=fast)
 
 
 OUTCOMES = ("trained", "skipped", "unsupported", "stale", "failed", "preempted")
@@ -402,7 +419,8 @@ def train_runs(grid_runs: Sequence[Any], *,
         outcome["stale"].append(run)
         log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
         continue
-      _move_aside(run.workdir)
+      if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
+        _move_aside(run.workdir)
     log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
                                                    else ""))
     run.workdir.mkdir(parents=True, exist_ok=True)
@@ -519,9 +537,9 @@ class Row:
 
 def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None = None, *,
             seeds: int | Sequence[int] = 3, workdir: str | os.PathLike = DEFAULT_WORKDIR,
-            fast: bool = False) -> list[Row]:
+            fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[Row]:
   """The table over the whole grid of `models` x `datasets` (every protocol horizon), from
-  whatever the workdirs hold: one Row per (model, data, horizon), then one AVG row per
+  whatever the workdirs (then `ledger`) hold: one Row per (model, data, horizon), then one AVG row per
   (model, data) whose per-seed value is the mean over the horizons (seeds with every horizon
   finished count)."""
   models = list(models) if models is not None else report_models()
@@ -535,7 +553,7 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
         row = Row(model, data, PROTOCOL[data][0], pred_len, seeds)
         states = []
         for run in runs([model], [data], seeds=seeds, horizons=[pred_len], workdir=workdir,
-                        fast=fast):
+                        fast=fast, ledger=ledger):
           state = run_state(run)
           states.append(state)
           if state.status == "done":
@@ -544,7 +562,8 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
             row.mae.append(float(state.results["test"]["mae"]))
             row.seconds.append(float(sum(state.results.get("seconds", {}).values())))
             row.devices.add(str(state.results.get("devices", "?")))
-            row.finished.append((run.workdir / "results.json").stat().st_mtime)
+            if state.finished is not None:
+              row.finished.append(state.finished)
         row.status, row.notes = _cell_status(states, len(seeds))
         row.command = reproduce_command([model], [data], seeds=seeds, horizons=[pred_len],
                                         workdir=workdir, fast=fast)
@@ -623,17 +642,12 @@ def machine_description() -> dict[str, str]:
         break
   except OSError:
     pass
-  try:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    commit = ""
   devices = jax.devices()
   return {
       "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
       "platform": platform.platform(), "cpu": f"{cpu} ({os.cpu_count()} cores)",
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
-      "commit": commit or "unknown",
+      "commit": run_ledger.current_commit(),
   }
 
 
@@ -821,5 +835,8 @@ def _csv_number(value: float | None) -> str:
   return f"{value:.6g}"
 
 
-def format_date(timestamp: float) -> str:
+def format_date(timestamp: float | None) -> str:
+  """Local time to the minute; "unknown" for None (a run recovered without its time)."""
+  if timestamp is None:
+    return "unknown"
   return datetime.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M")

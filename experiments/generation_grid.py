@@ -63,6 +63,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from experiments import forecasting_grid as shared
+from experiments import run_ledger
 
 REPO_ROOT = shared.REPO_ROOT
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce_generation")
@@ -157,6 +158,16 @@ class GenerationRun:
   # The reference classifier shared by every sample score (protocol mode): the finished run
   # there is what scores samples, whatever config it was trained with.
   shared_reference: bool = False
+  ledger: run_ledger.Ledger | None = dataclasses.field(default=None, compare=False, repr=False)
+
+  @property
+  def key(self) -> str:
+    """The run's name in the ledger: its workdir below the grid's root (the shared reference
+    classifier's below the cache)."""
+    if self.shared_reference:
+      return f"reference_classifiers/{self.entry.data}"
+    return "/".join([("fast" if self.fast else "protocol"), self.entry.key]
+                    + ([] if self.seed is None else [f"seed{self.seed}"]))
 
   @property
   def label(self) -> str:
@@ -205,7 +216,7 @@ def reference_workdir(data: str) -> pathlib.Path:
 
 
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
-         fast: bool = False) -> list[GenerationRun]:
+         fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[GenerationRun]:
   """The runs of `chosen` in order (entry, then seed): one per seed, one for a classifier."""
   root = shared.check_workdir(workdir) / ("fast" if fast else "protocol")
   seeds = shared.seeds_list(seeds)
@@ -213,16 +224,18 @@ def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | 
   result = []
   for entry in chosen:
     if entry.kind == "classifier":
-      run = (GenerationRun(entry, None, root / entry.key, fast) if fast else
-             GenerationRun(entry, None, reference_workdir(entry.data), shared_reference=True))
+      run = (GenerationRun(entry, None, root / entry.key, fast, ledger=ledger) if fast else
+             GenerationRun(entry, None, reference_workdir(entry.data), shared_reference=True,
+                           ledger=ledger))
       result.append(run)
       continue
     for seed in seeds:
       dependency = None
       if entry.needs:
         dependency = by_key.get((entry.needs, seed)) or GenerationRun(
-            _BY_KEY[entry.needs], seed, root / entry.needs / f"seed{seed}", fast)
-      run = GenerationRun(entry, seed, root / entry.key / f"seed{seed}", fast, dependency)
+            _BY_KEY[entry.needs], seed, root / entry.needs / f"seed{seed}", fast, ledger=ledger)
+      run = GenerationRun(entry, seed, root / entry.key / f"seed{seed}", fast, dependency,
+                          ledger=ledger)
       by_key[(entry.key, seed)] = run
       result.append(run)
   return result
@@ -233,6 +246,11 @@ def run_state(run: GenerationRun) -> shared.RunState:
   state = shared.run_state(run)
   if state.status == "unsupported" and state.detail.startswith(f"{WAITING}: "):
     return shared.RunState(WAITING, detail=state.detail.removeprefix(f"{WAITING}: "))
+  if (run.shared_reference and state.status == "stale"
+      and not (run.workdir / "results.json").exists()):
+    # Known from the ledger only: the recorded classifier scored the recorded samples, whatever
+    # its config (as when its workdir is there); `_reference_note` says that it is gone.
+    return shared.RunState("done", state.results, finished=state.finished)
   return state
 
 
@@ -245,13 +263,12 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
   need, writing the report after each; returns the runs by outcome (as
   `forecasting_grid.run_forecasting`, plus "waiting": runs whose dependency did not finish)."""
   chosen = entries(keys if keys is not None else CPU_KEYS)
-  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast)
-  command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
+  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
+  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
 
   def write() -> None:
     if report is not None:
-      write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast), report,
-                   command=command, fast=fast)
+      update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
   outcome = shared.train_runs(
       grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
@@ -262,6 +279,18 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
   outcome["unsupported"] = [run for run in outcome["unsupported"]
                             if run not in outcome["waiting"]]
   return outcome
+
+
+def update_report(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
+                  workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
+                  ) -> dict[str, pathlib.Path]:
+  """Records the finished workdirs in the report's ledger, then rewrites the report from the
+  workdirs and the ledger; returns write_report's paths."""
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  ledger.sync(runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
+  command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
+  return write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger),
+                      report, command=command, fast=fast)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
@@ -335,7 +364,7 @@ class RunRecord:
   run: GenerationRun
   state: shared.RunState
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-  finished: float | None = None  # results.json modification time
+  finished: float | None = None  # when results.json was written (None: unknown)
   # (picture name, its copy beside the report), filled by write_report
   pictures: list[tuple[str, pathlib.Path]] = dataclasses.field(default_factory=list)
   note: str = ""  # e.g. how the shared reference classifier differs from today's config
@@ -368,11 +397,12 @@ class Row:
 
 
 def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
-            workdir: str | os.PathLike, fast: bool = False) -> list[Row]:
-  """Each entry's runs and the scores of the finished, up-to-date ones (stale, failed and
-  waiting runs are named, not averaged)."""
+            workdir: str | os.PathLike, fast: bool = False,
+            ledger: run_ledger.Ledger | None = None) -> list[Row]:
+  """Each entry's runs and the scores of the finished, up-to-date ones, from the workdirs,
+  then `ledger` (stale, failed and waiting runs are named, not averaged)."""
   by_entry: dict[str, list[GenerationRun]] = {}
-  for run in runs(chosen, seeds=seeds, workdir=workdir, fast=fast):
+  for run in runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger):
     by_entry.setdefault(run.entry.key, []).append(run)
   rows = []
   for entry in chosen:
@@ -382,7 +412,7 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
       record = RunRecord(run, state)
       if state.status == "done":
         record.metrics = run_metrics(state.results)
-        record.finished = (run.workdir / "results.json").stat().st_mtime
+        record.finished = state.finished
         if run.shared_reference:
           record.note = _reference_note(run)
         elif run.dependency is not None:
@@ -407,12 +437,19 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
 
 def _reference_note(run: GenerationRun) -> str:
   """How the shared reference classifier's run differs from today's config, if it does."""
+  if not (run.workdir / "config.json").exists():  # known from the ledger only
+    record = run.ledger.get(run.key) if run.ledger is not None else None
+    today = run_ledger.config_digest(run_ledger.config_dict(run.today_config()))
+    other = record is not None and record.config_digest != today
+    return (f"recorded in the ledger; its workdir {run.workdir} is gone, so the next sample "
+            "scores train a new classifier" + (" (this one was trained with another config "
+                                               "than today's)" if other else ""))
   try:
     saved = json.loads((run.workdir / "config.json").read_text())
     today = json.loads(run.today_config().to_json_best_effort())
   except Exception as error:  # pylint: disable=broad-except  (a note, never a failure)
     return f"could not compare with today's config: {type(error).__name__}: {error}"
-  differences = shared.config_differences(saved, today)
+  differences = run_ledger.config_differences(saved, today)
   if not differences:
     return ""
   shown = ", ".join(f"{k}={_lookup(saved, k)!r} (today {_lookup(today, k)!r})"
@@ -460,10 +497,12 @@ def copy_pictures(record: RunRecord, folder: pathlib.Path) -> list[tuple[str, pa
   copies = []
   for name in record.run.entry.pictures:
     source = record.run.workdir / name
-    if not source.exists():
-      continue
     seed = "" if record.run.seed is None else f"_seed{record.run.seed}"
     target = folder / f"{record.run.entry.key.replace('/', '_')}{seed}_{name}"
+    if not source.exists():  # a run known from the ledger keeps the copy made before
+      if target.exists():
+        copies.append((name, target))
+      continue
     if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
       _write_small_png(source, target)
     copies.append((name, target))
@@ -513,7 +552,8 @@ def _ran(row: Row) -> str:
   done = row.done
   if not done:
     return "-"
-  last = shared.format_date(max(r.finished for r in done))
+  last = shared.format_date(max((r.finished for r in done if r.finished is not None),
+                                 default=None))
   versions = sorted({str(r.state.results.get("jax_version", "?")) for r in done})
   devices = sorted({str(r.state.results.get("devices", "?")) for r in done})
   return f"{last}; jax {', '.join(versions)}; {', '.join(devices)}"
@@ -539,7 +579,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
     for record in row.done:
       record.pictures = copy_pictures(record, pictures)
   machine = shared.machine_description()
-  finished = [r.finished for row in rows for r in row.done]
+  finished = [r.finished for row in rows for r in row.done if r.finished is not None]
   dates = (f"runs finished between {shared.format_date(min(finished))} and "
            f"{shared.format_date(max(finished))}" if finished else "no run finished yet")
   seeds = sorted({r.run.seed for row in rows for r in row.records if r.run.seed is not None})
@@ -631,7 +671,8 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
           "target_class_accuracy": "" if row.entry.target is None else row.entry.target,
           "meets_target": "" if met is None or fast else ("yes" if met else "no"),
           "status": _status_text(row),
-          "last_finished": (shared.format_date(max(r.finished for r in row.done))
+          "last_finished": (shared.format_date(max(
+              (r.finished for r in row.done if r.finished is not None), default=None))
                             if row.done else ""),
           "jax_versions": " ".join(sorted({str(r.state.results.get("jax_version", ""))
                                            for r in row.done})),

@@ -13,6 +13,11 @@ steps) under `<workdir>/fast` and labels the report as not the protocol; its rep
 `<workdir>/fast/forecasting.md` unless `--report` says otherwise. There is no switch that
 shortens training inside the protocol.
 
+Every report keeps a ledger beside it (`forecasting_runs.jsonl` beside `forecasting.md`, see
+`experiments/run_ledger.py`): each finished run's results, recorded when the report is written.
+The report reads a run's workdir first and the ledger second, so rewriting a report after the
+workdirs are gone (a cleared /tmp) keeps every result; those runs are not retrained.
+
   python -m experiments.reproduce classification [--entries=uea,mnist,lra/listops]
       [--seeds=3] [--workdir=/tmp/paperzoo_reproduce_classification]
       [--report=experiments/results/classification.md]
@@ -40,8 +45,8 @@ sample (`cache_dir("reference_classifiers")/<data>`), not one per seed. `--repor
 `--fast` (report in `<workdir>/fast/generation.md`) and `--rerun_stale` work as for
 forecasting.
 
-The logic lives in `experiments/forecasting_grid.py` (`run_forecasting`, `collect`,
-`write_report`), `experiments/classification_grid.py` (`run_classification`, ...) and
+The logic lives in `experiments/forecasting_grid.py` (`run_forecasting`, `update_report`,
+`collect`, `write_report`), `experiments/classification_grid.py` (`run_classification`, ...) and
 `experiments/generation_grid.py` (`run_generation`, ...), which a notebook calls directly.
 """
 
@@ -84,19 +89,15 @@ SUBCOMMANDS = ("forecasting", "classification", "generation")
 
 def entry_grid(name: str, seeds) -> None:
   """The classification or generation subcommand: their grid modules share one interface
-  (entries by key, DEFAULT_WORKDIR / DEFAULT_REPORT / CPU_KEYS, collect, write_report,
-  run_<name>)."""
+  (entries by key, DEFAULT_WORKDIR / DEFAULT_REPORT / CPU_KEYS, update_report, run_<name>)."""
   module = {"classification": classification_grid, "generation": generation_grid}[name]
   workdir = grid.check_workdir(_WORKDIR.value if _WORKDIR.present else module.DEFAULT_WORKDIR)
   report = _REPORT.value or (workdir / "fast" / f"{name}.md" if _FAST.value
                              else module.DEFAULT_REPORT)
   keys = _ENTRIES.value or list(module.CPU_KEYS)
   if _REPORT_ONLY.value:
-    chosen = module.entries(keys)
-    rows = module.collect(chosen, seeds=seeds, workdir=workdir, fast=_FAST.value)
-    command = module.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
-                                       fast=_FAST.value)
-    paths = module.write_report(rows, report, command=command, fast=_FAST.value)
+    paths = module.update_report(module.entries(keys), seeds=seeds, workdir=workdir,
+                                 fast=_FAST.value, report=report)
     print(f"wrote {paths['md']}, {paths['csv'].name}")
     return
   outcome = getattr(module, f"run_{name}")(keys, seeds=seeds, workdir=workdir, fast=_FAST.value,
@@ -125,9 +126,8 @@ def main(argv: list[str]) -> None:
   if _REPORT_ONLY.value:
     command = grid.reproduce_command(models, datasets, seeds=seeds, horizons=horizons,
                                      workdir=workdir, fast=_FAST.value)
-    rows = grid.collect(grid.report_models(models), seeds=seeds, workdir=workdir,
-                        fast=_FAST.value)
-    paths = grid.write_report(rows, report, command=command, fast=_FAST.value)
+    paths = grid.update_report(models, seeds=seeds, workdir=workdir, fast=_FAST.value,
+                               report=report, command=command)
     print(f"wrote {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
     return
   outcome = grid.run_forecasting(models, datasets, seeds=seeds, horizons=horizons,

@@ -1,0 +1,135 @@
+"""The run ledger (experiments/run_ledger.py): a report keeps its finished runs when their
+workdirs are gone, does not retrain them, and still tells a run whose config changed since."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from experiments import classification_grid
+from experiments import forecasting_grid as grid
+from experiments import generation_grid
+from experiments import run_ledger
+from tests.test_reproduce import fake_finished
+
+
+def read_csv(path) -> list[dict[str, str]]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def dlinear_cell(rows):
+  return next(r for r in rows if r["model"] == "dlinear" and r["data"] == "etth1"
+              and r["pred_len"] == "96")
+
+
+def never_train(config, workdir):
+  raise AssertionError(f"retrained {workdir}")
+
+
+def test_config_digest_ignores_what_changes_nothing():
+  config = grid.load_config("dlinear", "data=etth1,pred_len=96")
+  base = run_ledger.config_dict(config)
+  config.train.progress_bar = not config.train.progress_bar
+  assert run_ledger.config_digest(run_ledger.config_dict(config)) == run_ledger.config_digest(base)
+  config.optimizer.learning_rate *= 2
+  changed = run_ledger.config_dict(config)
+  assert run_ledger.config_differences(base, changed) == ["optimizer.learning_rate"]
+  assert run_ledger.config_digest(changed) != run_ledger.config_digest(base)
+
+
+def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path):
+  workdir, report = tmp_path / "runs", tmp_path / "results" / "forecasting.md"
+  (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir)
+  fake_finished(run, 0.381, 0.402)
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
+                     command="cmd")
+  ledger_file = tmp_path / "results" / "forecasting_runs.jsonl"
+  (line,) = ledger_file.read_text().splitlines()
+  record = json.loads(line)
+  assert record["key"] == "protocol/dlinear/etth1_96_96/seed2021" == run.key
+  assert record["results"]["test"] == {"mse": 0.381, "mae": 0.402}
+  assert record["command"] == run.command
+  before = dlinear_cell(read_csv(report.with_suffix(".csv")))
+
+  shutil.rmtree(workdir)  # /tmp cleared between sessions
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
+                     command="cmd")
+  after = dlinear_cell(read_csv(report.with_suffix(".csv")))
+  assert after == before and after["status"] == "done" and after["mse_mean"] == "0.381"
+  outcome = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96],
+                                 workdir=workdir, report=report, train_fn=never_train,
+                                 log=lambda _: None)
+  assert [r.key for r in outcome["skipped"]] == [run.key]
+  assert ledger_file.read_text().splitlines() == [line]  # nothing rewritten
+
+
+def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_it(tmp_path):
+  workdir, report = tmp_path / "runs", tmp_path / "forecasting.md"
+  (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir)
+  old = run.config()
+  old.optimizer.learning_rate *= 10  # trained before today's learning rate
+  fake_finished(run, 0.5, 0.5, config=old)
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
+                     command="cmd")
+  shutil.rmtree(workdir)
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
+                     ledger=ledger)
+  state = grid.run_state(run)
+  assert state.status == "stale" and "forecasting_runs.jsonl" in state.detail
+
+  def train(config, run_workdir):
+    fake_finished(run, 0.38, 0.40)
+    return json.loads((run_workdir / "results.json").read_text())
+
+  kept = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
+                              report=report, train_fn=never_train, log=lambda _: None)
+  assert len(kept["stale"]) == 1
+  redone = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96],
+                                workdir=workdir, report=report, rerun_stale=True,
+                                train_fn=train, log=lambda _: None)
+  assert len(redone["trained"]) == 1
+  record = run_ledger.Ledger(run_ledger.ledger_path(report)).get(run.key)
+  assert record.results["test"]["mse"] == 0.38
+  assert record.config_digest == run_ledger.config_digest(run_ledger.config_dict(run.config()))
+
+
+def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path):
+  from tests.test_reproduce_classification import fake_finished as fake_classified
+  workdir, report = tmp_path / "runs", tmp_path / "classification.md"
+  chosen = classification_grid.entries(["uea/BasicMotions/transformer/val"])
+  runs = classification_grid.runs(chosen, seeds=2, workdir=workdir)
+  for run, accuracy in zip(runs, (0.95, 1.0)):
+    fake_classified(run, accuracy)
+  classification_grid.update_report(chosen, seeds=2, workdir=workdir, fast=False, report=report)
+  shutil.rmtree(workdir)
+  classification_grid.update_report(chosen, seeds=2, workdir=workdir, fast=False, report=report)
+  (row,) = read_csv(report.with_suffix(".csv"))
+  assert row["n"] == "2" and row["accuracies"] == "0.950000 1.000000" and row["status"] == "done"
+  assert "97.50 ± 3.54 (n=2)" in report.read_text()
+
+
+def test_generation_report_keeps_the_picture_copies_of_recorded_runs(tmp_path):
+  from tests.test_generation_grid import fake_finished as fake_generated
+  workdir, report = tmp_path / "runs", tmp_path / "results" / "generation.md"
+  chosen = generation_grid.entries(["mnist/dit/flow"])
+  (run,) = generation_grid.runs(chosen, seeds=1, workdir=workdir)
+  fake_generated(run, index=0)
+  generation_grid.update_report(chosen, seeds=1, workdir=workdir, fast=False, report=report)
+  first = report.read_text()
+  assert "](generation/mnist_dit_flow_seed2021_" in first
+  shutil.rmtree(workdir)
+  generation_grid.update_report(chosen, seeds=1, workdir=workdir, fast=False, report=report)
+  line = lambda text: next(l for l in text.splitlines() if l.startswith("| mnist/dit/flow |"))
+  assert line(report.read_text()) == line(first)
+
+
+def test_a_corrupt_ledger_line_names_the_file_and_line(tmp_path):
+  path = tmp_path / "forecasting_runs.jsonl"
+  path.write_text('{"key": "a"}\n')
+  with pytest.raises(ValueError, match=r"forecasting_runs.jsonl:1 is not a run record"):
+    run_ledger.Ledger(path)
