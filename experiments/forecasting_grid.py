@@ -57,6 +57,9 @@ PROTOCOL: dict[str, tuple[int, tuple[int, ...]]] = {
     "illness": (36, (24, 36, 48, 60)),
 }
 FIRST_SEED = 2021  # seeds are FIRST_SEED, FIRST_SEED + 1, ...
+# A report shows at least this many seeds, whatever a run asked for: a one-seed run updates its
+# cells without hiding the other seeds of the table.
+REPORT_SEEDS = 3
 TARGET = 0.03  # a cell meets the target when its mean MSE <= (1 + TARGET) x the paper's MSE
 AVG = "avg"  # the "horizon" of the mean over a data set's horizons (the papers' headline number)
 
@@ -228,6 +231,11 @@ def _key_matches(key: str, wanted: str) -> bool:
   return key == wanted or key.startswith(wanted.rstrip("/") + "/")
 
 
+def report_seeds(seeds: int | Sequence[int]) -> list[int]:
+  """The seeds a report shows: the requested ones and the first REPORT_SEEDS."""
+  return sorted(set(seeds_list(seeds)) | set(seeds_list(REPORT_SEEDS)))
+
+
 def select_entries(all_entries: Sequence[Any], keys: Iterable[str] | None) -> list[Any]:
   """The entries (anything with a `.key`) whose key equals or starts with one of `keys`, in
   table order (all when None); an unknown key is an error that lists the valid ones. The
@@ -358,13 +366,10 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
   ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
   grid_runs = runs(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir, fast=fast,
                    ledger=ledger)
-  command = reproduce_command(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir,
-                              fast=fast, rerun_stale=rerun_stale)
 
   def write() -> None:
     if report is not None:
-      update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report,
-                    command=command)
+      update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
   return train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
                     log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
@@ -373,17 +378,19 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
                                               f"mae={results['test']['mae']:.4f}")
 
 
-def update_report(models: Sequence[str], *, seeds: int | Sequence[int],
-                  workdir: str | os.PathLike, fast: bool, report: str | os.PathLike,
-                  command: str) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger, then rewrites the report (every
-  model of `report_models(models)`) from the workdirs and the ledger; returns write_report's
-  paths."""
+def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = REPORT_SEEDS,
+                  workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
+                  report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
+  """Records the finished workdirs in the report's ledger, then rewrites the whole table
+  (every model of `report_models(models)`, every data set, `report_seeds(seeds)`) from the
+  workdirs and the ledger; returns write_report's paths."""
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-  models = report_models(models)
+  models, seeds = report_models(models), report_seeds(seeds)
   ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
                    ledger=ledger))
   rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+  command = reproduce_command(models, list(PROTOCOL), seeds=seeds, horizons=None,
+                              workdir=workdir, fast=fast)
   return write_report(rows, report, command=command, fast=fast)
 
 

@@ -281,11 +281,15 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
   return outcome
 
 
-def update_report(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
-                  workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
-                  ) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger, then rewrites the report from the
-  workdirs and the ledger; returns write_report's paths."""
+def update_report(chosen: Sequence[Entry] = (), *,
+                  seeds: int | Sequence[int] = shared.REPORT_SEEDS,
+                  workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
+                  report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
+  """Records the finished workdirs in the report's ledger, then rewrites the whole table
+  (the CPU entries and `chosen`, `shared.report_seeds(seeds)`) from the workdirs and the
+  ledger; returns write_report's paths."""
+  keys = {e.key for e in chosen} | set(CPU_KEYS)
+  chosen, seeds = entries(keys), shared.report_seeds(seeds)
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
   ledger.sync(runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
   command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)

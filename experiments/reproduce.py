@@ -16,7 +16,10 @@ shortens training inside the protocol.
 Every report keeps a ledger beside it (`forecasting_runs.jsonl` beside `forecasting.md`, see
 `experiments/run_ledger.py`): each finished run's results, recorded when the report is written.
 The report reads a run's workdir first and the ledger second, so rewriting a report after the
-workdirs are gone (a cleared /tmp) keeps every result; those runs are not retrained.
+workdirs are gone (a cleared /tmp) keeps every result; those runs are not retrained. Every
+report covers its whole table (all models; for classification and generation every CPU entry
+and the ones named) with at least seeds 2021-2023, so a run of a few entries or one seed
+updates its rows and leaves the others as they were.
 
   python -m experiments.reproduce classification [--entries=uea,mnist,lra/listops]
       [--seeds=3] [--workdir=/tmp/paperzoo_reproduce_classification]
@@ -124,10 +127,8 @@ def main(argv: list[str]) -> None:
   report = _REPORT.value or (workdir / "fast" / "forecasting.md" if _FAST.value
                              else grid.DEFAULT_REPORT)
   if _REPORT_ONLY.value:
-    command = grid.reproduce_command(models, datasets, seeds=seeds, horizons=horizons,
-                                     workdir=workdir, fast=_FAST.value)
     paths = grid.update_report(models, seeds=seeds, workdir=workdir, fast=_FAST.value,
-                               report=report, command=command)
+                               report=report)
     print(f"wrote {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
     return
   outcome = grid.run_forecasting(models, datasets, seeds=seeds, horizons=horizons,

@@ -62,8 +62,9 @@ def test_tiny_grid_trains_resumes_and_reports(tmp_path):
   assert "Smoke mode" in text and "uea/BasicMotions/transformer/val" in text and "(n=1)" in text
   assert (calls[0] / "confusion_matrix.png").exists()  # the pictures the issue asks for
   with open(report.with_suffix(".csv"), newline="") as f:
-    (row,) = list(csv.DictReader(f))
-  assert row["n"] == "1" and row["status"] == "done"
+    rows = {r["entry"]: r for r in csv.DictReader(f)}
+  assert set(rows) == set(grid.CPU_KEYS)  # the whole table, with seeds 2021-2023
+  assert rows[keys[0]]["n"] == "1" and rows[keys[0]]["status"] == "1 done, 2 not run"
 
 
 def test_report_mean_std_and_published(tmp_path):

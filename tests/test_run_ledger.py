@@ -45,8 +45,7 @@ def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path)
   workdir, report = tmp_path / "runs", tmp_path / "results" / "forecasting.md"
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir)
   fake_finished(run, 0.381, 0.402)
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
-                     command="cmd")
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
   ledger_file = tmp_path / "results" / "forecasting_runs.jsonl"
   (line,) = ledger_file.read_text().splitlines()
   record = json.loads(line)
@@ -56,10 +55,10 @@ def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path)
   before = dlinear_cell(read_csv(report.with_suffix(".csv")))
 
   shutil.rmtree(workdir)  # /tmp cleared between sessions
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
-                     command="cmd")
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
   after = dlinear_cell(read_csv(report.with_suffix(".csv")))
-  assert after == before and after["status"] == "done" and after["mse_mean"] == "0.381"
+  assert after == before and after["mse_mean"] == "0.381"
+  assert after["status"] == "partial (1/3 seeds)"  # the report shows seeds 2021-2023
   outcome = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96],
                                  workdir=workdir, report=report, train_fn=never_train,
                                  log=lambda _: None)
@@ -73,8 +72,7 @@ def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_i
   old = run.config()
   old.optimizer.learning_rate *= 10  # trained before today's learning rate
   fake_finished(run, 0.5, 0.5, config=old)
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, fast=False, report=report,
-                     command="cmd")
+  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
   shutil.rmtree(workdir)
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
@@ -105,11 +103,12 @@ def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_pa
   runs = classification_grid.runs(chosen, seeds=2, workdir=workdir)
   for run, accuracy in zip(runs, (0.95, 1.0)):
     fake_classified(run, accuracy)
-  classification_grid.update_report(chosen, seeds=2, workdir=workdir, fast=False, report=report)
+  classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
   shutil.rmtree(workdir)
-  classification_grid.update_report(chosen, seeds=2, workdir=workdir, fast=False, report=report)
-  (row,) = read_csv(report.with_suffix(".csv"))
-  assert row["n"] == "2" and row["accuracies"] == "0.950000 1.000000" and row["status"] == "done"
+  classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
+  row = next(r for r in read_csv(report.with_suffix(".csv")) if r["entry"] == chosen[0].key)
+  assert row["n"] == "2" and row["accuracies"] == "0.950000 1.000000"
+  assert row["status"] == "2 done, 1 not run"  # the report shows seeds 2021-2023
   assert "97.50 ± 3.54 (n=2)" in report.read_text()
 
 
@@ -119,11 +118,11 @@ def test_generation_report_keeps_the_picture_copies_of_recorded_runs(tmp_path):
   chosen = generation_grid.entries(["mnist/dit/flow"])
   (run,) = generation_grid.runs(chosen, seeds=1, workdir=workdir)
   fake_generated(run, index=0)
-  generation_grid.update_report(chosen, seeds=1, workdir=workdir, fast=False, report=report)
+  generation_grid.update_report(chosen, seeds=1, workdir=workdir, report=report)
   first = report.read_text()
   assert "](generation/mnist_dit_flow_seed2021_" in first
   shutil.rmtree(workdir)
-  generation_grid.update_report(chosen, seeds=1, workdir=workdir, fast=False, report=report)
+  generation_grid.update_report(chosen, seeds=1, workdir=workdir, report=report)
   line = lambda text: next(l for l in text.splitlines() if l.startswith("| mnist/dit/flow |"))
   assert line(report.read_text()) == line(first)
 
