@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -148,16 +149,10 @@ def update_report(chosen: Sequence[Entry] = (), *,
                   seeds: int | Sequence[int] = shared.REPORT_SEEDS,
                   workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
                   report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger, then rewrites the whole table
-  (the CPU entries and `chosen`, `shared.report_seeds(seeds)`) from the workdirs and the
-  ledger; returns write_report's paths."""
-  keys = {e.key for e in chosen} | set(CPU_KEYS)
-  chosen, seeds = entries(keys), shared.report_seeds(seeds)
-  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-  ledger.sync(runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
-  command = reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir, fast=fast)
-  return write_report(collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger),
-                      report, command=command, fast=fast)
+  """Records the finished workdirs in the report's ledger and rewrites the whole table (every
+  CPU entry and `chosen`); see `forecasting_grid.update_entry_report`."""
+  return shared.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
+                                    workdir=workdir, fast=fast, report=report)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],

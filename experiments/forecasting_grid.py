@@ -394,6 +394,23 @@ def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = RE
   return write_report(rows, report, command=command, fast=fast)
 
 
+def update_entry_report(grid: Any, chosen: Sequence[Any], *, seeds: int | Sequence[int],
+                        workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
+                        ) -> dict[str, pathlib.Path]:
+  """`update_report` of an entry grid (the classification or generation module, `grid`):
+  records the finished workdirs in the report's ledger, then rewrites the whole table (every
+  entry of `grid.CPU_KEYS` and `chosen`, `report_seeds(seeds)`) from the workdirs and the
+  ledger; returns write_report's paths."""
+  chosen = grid.entries({e.key for e in chosen} | set(grid.CPU_KEYS))
+  seeds = report_seeds(seeds)
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  ledger.sync(grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
+  rows = grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+  command = grid.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
+                                   fast=fast)
+  return grid.write_report(rows, report, command=command, fast=fast)
+
+
 OUTCOMES = ("trained", "skipped", "unsupported", "stale", "failed", "preempted")
 
 
