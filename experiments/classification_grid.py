@@ -86,8 +86,9 @@ CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 
 
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
-  """The entries whose key equals or starts with one of `keys` (all when None)."""
-  return shared.select_entries(ENTRIES, keys)
+  """The entries whose key equals or starts with one of `keys` (all when None; a prefix that
+  also reaches CPU entries selects only those: `shared.select_entries`)."""
+  return shared.select_entries(ENTRIES, keys, CPU_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -236,18 +236,27 @@ def report_seeds(seeds: int | Sequence[int]) -> list[int]:
   return sorted(set(seeds_list(seeds)) | set(seeds_list(REPORT_SEEDS)))
 
 
-def select_entries(all_entries: Sequence[Any], keys: Iterable[str] | None) -> list[Any]:
+def select_entries(all_entries: Sequence[Any], keys: Iterable[str] | None,
+                   cpu_keys: Iterable[str] = ()) -> list[Any]:
   """The entries (anything with a `.key`) whose key equals or starts with one of `keys`, in
-  table order (all when None); an unknown key is an error that lists the valid ones. The
-  classification and generation grids choose their entries this way."""
+  table order (all when None); an unknown key is an error that lists the valid ones. A key that
+  reaches both CPU entries (`cpu_keys`) and GPU ones selects only the CPU ones, so `lra/listops`
+  never starts a full-size GPU run by accident; a key that reaches only GPU entries
+  (`cifar10`, `lra/listops/attention/full`) selects them. The classification and generation
+  grids choose their entries this way."""
   if keys is None:
     return list(all_entries)
-  keys = list(keys)
-  unknown = [k for k in keys if not any(_key_matches(e.key, k) for e in all_entries)]
+  cpu_keys = set(cpu_keys)
+  selected, unknown = set(), []
+  for wanted in keys:
+    matches = {e.key for e in all_entries if _key_matches(e.key, wanted)}
+    if not matches:
+      unknown.append(wanted)
+    selected |= (matches & cpu_keys) or matches
   if unknown:
     raise ValueError(f"unknown entries {unknown}; valid keys (or their prefixes): "
                      f"{', '.join(e.key for e in all_entries)}")
-  return [e for e in all_entries if any(_key_matches(e.key, k) for k in keys)]
+  return [e for e in all_entries if e.key in selected]
 
 
 def entries_command(subcommand: str, keys: Sequence[str], *, seeds: int | Sequence[int],

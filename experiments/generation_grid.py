@@ -134,7 +134,7 @@ CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   """The entries whose key equals or starts with one of `keys` (all when None), plus the
   entries they need (a VAR's tokenizer), in table order, so a dependency runs first."""
-  chosen = {e.key for e in shared.select_entries(ENTRIES, keys)}
+  chosen = {e.key for e in shared.select_entries(ENTRIES, keys, CPU_KEYS)}
   pending = list(chosen)
   while pending:
     needed = _BY_KEY[pending.pop()].needs

@@ -27,8 +27,9 @@ updates its rows and leaves the others as they were.
 
 trains the classification entries (Long Range Arena at CPU size, the MNIST variants of the
 vision backbones, UEA under both selection protocols; `--entries` takes keys or key prefixes,
-default every entry that fits a CPU; the full-size LRA and CIFAR-10 entries are listed with
-`--entries=lra/listops/attention/full` etc.) and writes `experiments/results/classification.md`
+default every entry that fits a CPU; the full-size LRA and CIFAR-10 entries run only under a
+key that reaches no CPU entry, e.g. `--entries=cifar10,lra/listops/attention/full`, so
+`--entries=lra` stays on the CPU sizes) and writes `experiments/results/classification.md`
 and `.csv`: test accuracy mean ± std over seeds, the published number, the command.
 
   python -m experiments.reproduce generation [--entries=mnist/dit,mnist/var] [--seeds=3]

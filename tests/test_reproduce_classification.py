@@ -33,6 +33,15 @@ def test_entries_select_by_key_prefix_and_refuse_unknown_keys():
     grid.entries(["mnist/resnet"])
 
 
+def test_a_prefix_that_reaches_cpu_entries_never_selects_the_gpu_ones():
+  listops = [e.key for e in grid.entries(["lra/listops"])]
+  assert listops == [f"lra/listops/{m}/cpu" for m in ("attention", "linear", "mamba")]
+  assert all(e.key in grid.CPU_KEYS for e in grid.entries(["lra"]))
+  assert [e.key for e in grid.entries(["lra/listops/attention/full"])] == [
+      "lra/listops/attention/full"]
+  assert [e.key for e in grid.entries(["cifar10"])] == ["cifar10/vit", "cifar10/swin"]
+
+
 @pytest.mark.parametrize("entry", grid.ENTRIES, ids=lambda e: e.key)
 def test_every_entry_builds_its_config(entry, tmp_path):
   (run,) = grid.runs([entry], seeds=1, workdir=tmp_path)
