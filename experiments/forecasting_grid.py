@@ -572,9 +572,9 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
             seeds: int | Sequence[int] = 3, workdir: str | os.PathLike = DEFAULT_WORKDIR,
             fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[Row]:
   """The table over the whole grid of `models` x `datasets` (every protocol horizon), from
-  whatever the workdirs (then `ledger`) hold: one Row per (model, data, horizon), then one AVG row per
-  (model, data) whose per-seed value is the mean over the horizons (seeds with every horizon
-  finished count)."""
+  whatever the workdirs (then `ledger`) hold: one Row per (model, data, horizon), then one AVG
+  row per (model, data) whose per-seed value is the mean over the horizons (seeds with every
+  horizon finished count)."""
   models = list(models) if models is not None else report_models()
   datasets = list(datasets) if datasets is not None else list(PROTOCOL)
   seeds = seeds_list(seeds)
