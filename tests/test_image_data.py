@@ -119,6 +119,36 @@ def test_to_grayscale_by_hand():
     images.to_grayscale(np.zeros((4, 3), np.float32))
 
 
+def test_downsample_by_hand():
+  image = np.asarray([[[0, 1, 10, 10],
+                       [2, 2, 10, 11],
+                       [255, 255, 0, 0],
+                       [255, 254, 0, 1]]], np.uint8)
+  # Block means 1.25, 10.25, 254.75, 0.25 round half up to 1, 10, 255, 0; 0.5 rounds up.
+  np.testing.assert_array_equal(images.downsample(image, 2), [[[1, 10], [255, 0]]])
+  np.testing.assert_array_equal(images.downsample(np.asarray([[[0, 1]]], np.uint8), 1),
+                                [[[0, 1]]])
+  half = np.asarray([[[0, 1], [0, 1]]], np.uint8)
+  np.testing.assert_array_equal(images.downsample(half, 2), [[[1]]])
+  with pytest.raises(ValueError, match="divisor"):
+    images.downsample(np.zeros((1, 6, 6), np.uint8), 4)
+  with pytest.raises(ValueError, match="uint8"):
+    images.downsample(np.zeros((1, 4, 4), np.float32), 2)
+
+
+def test_lra_image_resolution(cifar):
+  from paperzoo.data import classification  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  small = classification.load_lra_image(common.classification_data("lra_image", resolution=16))
+  assert small.test.arrays["inputs"].shape == (10_000, 256)
+  gray = images.to_grayscale(cifar["test"][0][:5])
+  np.testing.assert_array_equal(small.test.arrays["inputs"][:5],
+                                images.downsample(gray, 2).reshape(5, -1))
+  assert len(small.train) + len(small.val) == 50_000
+  with pytest.raises(ValueError, match="must divide CIFAR-10's 32 pixels"):
+    classification.load_lra_image(common.classification_data("lra_image", resolution=12))
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 decoding and caching on a small zip.
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ _CLASSIFICATION_DATA = {
                 "max_len": 2_000, "seq_len": 2_000, "generator_seed": 0},
     "pathfinder": {"num_train": 160_000, "num_val": 20_000, "num_test": 20_000,
                    "resolution": 32, "contour_length": 14, "generator_seed": 0},
-    "lra_image": {"val_fraction": 0.1},
+    "lra_image": {"val_fraction": 0.1, "resolution": 32},
     "cifar10": {"val_fraction": 0.1},
     "mnist": {"val_fraction": 0.1},
     "uea": {"subset": "BasicMotions", "val_fraction": 0.2, "legacy_test_selection": False},

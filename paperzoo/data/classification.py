@@ -24,7 +24,8 @@ Config keys (`config.data`), by data set:
   pathfinder    num_train/num_val/num_test (LRA: 160,000/20,000/20,000), resolution (32),
                 contour_length (14, LRA's "hard"), generator_seed (0)
   lra_image     val_fraction (0.1: 5,000 of CIFAR-10's 50,000 training images); grayscale
-                pixels as tokens (LRA's Image task: a sequence of 1,024 intensities, vocab 256)
+                pixels as tokens (LRA's Image task: a sequence of 1,024 intensities, vocab 256);
+                resolution (32; a divisor of 32 averages blocks of pixels, 16 -> 256 tokens)
   cifar10       val_fraction (0.1: 5,000)
   mnist         val_fraction (0.1: 800 of the 8,000 training images; the project's MNIST is the
                 10,000 test images split 8,000 train / 2,000 test, see paperzoo.data.images)
@@ -180,10 +181,15 @@ def load_pathfinder(data: Any) -> ClassificationData:
 @DATASETS.register("lra_image")
 def load_lra_image(data: Any) -> ClassificationData:
   from paperzoo.data import images  # pylint: disable=g-import-not-at-top
+  if data.resolution < 1 or 32 % data.resolution:
+    raise ValueError(f"data.resolution={data.resolution} must divide CIFAR-10's 32 pixels")
   cifar = images.load_cifar10(root=data.root or None, grayscale=True)
   train_images, train_labels = cifar["train"]
   test_images, test_labels = cifar["test"]
-  tokens = lambda x: x.reshape(len(x), -1).astype(np.int32)  # noqa: E731
+
+  def tokens(x: np.ndarray) -> np.ndarray:
+    return images.downsample(x, 32 // data.resolution).reshape(len(x), -1).astype(np.int32)
+
   train, val = _split_off_val(tokens(train_images), train_labels, data.val_fraction, data.val_seed)
   return ClassificationData(
       name="lra_image", kind="tokens", train=train, val=val,

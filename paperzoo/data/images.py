@@ -187,6 +187,22 @@ def to_grayscale(images: np.ndarray) -> np.ndarray:
   return out.reshape(images.shape[:-1])
 
 
+def downsample(images: np.ndarray, factor: int) -> np.ndarray:
+  """uint8 [N, H, W] -> uint8 [N, H / factor, W / factor]: the mean of each factor x factor
+  block, rounded half up (an area resize with no interpolation across blocks)."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 3:
+    raise ValueError(f"downsample expects uint8 [N, H, W] images, got {images.dtype} "
+                     f"{images.shape}")
+  n, height, width = images.shape
+  if factor < 1 or height % factor or width % factor:
+    raise ValueError(f"factor={factor} must be a positive divisor of the image size "
+                     f"{height}x{width}")
+  blocks = images.reshape(n, height // factor, factor, width // factor, factor)
+  total = blocks.sum(axis=(2, 4), dtype=np.int64)
+  return ((2 * total + factor**2) // (2 * factor**2)).astype(np.uint8)  # floor(mean + 1/2)
+
+
 # --------------------------------------------------------------------------------------------
 # MNIST.
 # --------------------------------------------------------------------------------------------
