@@ -6,7 +6,8 @@ entry and seed under --workdir; a finished run is skipped, a half-finished one r
 writes `experiments/results/classification.md` and `.csv`: per entry the test accuracy as
 mean +- sample std over seeds, the published number where one exists and is comparable, the
 selection protocol, and the command. The runs' workdirs also hold each run's confusion matrix
-and example inputs (`confusion_matrix.png`, `examples.png` / `examples.txt`).
+and example inputs (`PICTURES`); the report links those of each entry's first finished seed,
+copied into `experiments/results/classification/`.
 
 The training loop, run states (done / stale / failed / started) and the workdir check are the
 forecasting grid's (`experiments.forecasting_grid`), shared.
@@ -83,6 +84,11 @@ ENTRIES: tuple[Entry, ...] = (
 # What runs on this 2-core CPU in reasonable time: everything except the full-size LRA and the
 # CIFAR-10 backbones.
 CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
+
+
+# What a finished run leaves for the report: the test confusion matrix and example inputs with
+# their true and predicted labels (`ClassificationTask.write_pictures`; ListOps as text).
+PICTURES = ("confusion_matrix.png", "examples.png", "examples.txt")
 
 
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
@@ -168,6 +174,9 @@ class Row:
   status: str
   commands: list[str]
   finished: list[float]  # when the finished runs' results.json were written (where known)
+  done_runs: list[ClassificationRun] = dataclasses.field(default_factory=list)
+  # (picture name, its copy beside the report), filled by write_report
+  pictures: list[tuple[str, pathlib.Path]] = dataclasses.field(default_factory=list)
 
   @property
   def mean_std(self) -> tuple[float, float]:
@@ -194,7 +203,8 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
               ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     rows.append(Row(entry, [s.results["test"]["accuracy"] for _, s in done], status,
                     [run.command for run in entry_runs],
-                    [s.finished for _, s in done if s.finished is not None]))
+                    [s.finished for _, s in done if s.finished is not None],
+                    [run for run, _ in done]))
   return rows
 
 
@@ -207,9 +217,18 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
                  fast: bool = False) -> dict[str, pathlib.Path]:
-  """Markdown and CSV: ours (mean ± std over seeds, in %), published, protocol, command."""
+  """Markdown and CSV: ours (mean ± std over seeds, in %), published, protocol, pictures (of
+  each entry's first finished seed that has them, copied into `shared.picture_dir(path)`),
+  command."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  for row in rows:
+    for run in row.done_runs:
+      row.pictures = shared.copy_pictures(
+          run.workdir, PICTURES, shared.picture_dir(path),
+          f"{run.entry.key.replace('/', '_')}_seed{run.seed}")
+      if row.pictures:
+        break
   machine = shared.machine_description()
   finished = [t for row in rows for t in row.finished]
   done = sum(len(row.accuracies) for row in rows)
@@ -238,12 +257,14 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
     if row.entry.group != group:
       group = row.entry.group
       lines += ["", f"## {group}", "",
-                "| entry | ours (test acc. %) | published | source / note | status | command |",
-                "| --- | --- | --- | --- | --- | --- |"]
+                "| entry | ours (test acc. %) | published | source / note | status | pictures "
+                "| command |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
     mean, std = row.mean_std
     published = "-" if row.entry.published is None else f"{100 * row.entry.published:.2f}"
     lines.append(f"| {row.entry.key} | {_fmt(mean, std, len(row.accuracies))} | {published} | "
-                 f"{row.entry.source} | {row.status} | `{row.commands[0]}` |")
+                 f"{row.entry.source} | {row.status} | "
+                 f"{shared.picture_links(row.pictures, path.parent)} | `{row.commands[0]}` |")
   path.write_text("\n".join(lines) + "\n")
   csv_path = path.with_suffix(".csv")
   with csv_path.open("w", newline="") as stream:

@@ -37,6 +37,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
@@ -682,6 +683,53 @@ def machine_description() -> dict[str, str]:
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
       "commit": run_ledger.current_commit(),
   }
+
+
+def picture_dir(report: str | os.PathLike) -> pathlib.Path:
+  """The folder beside a report that holds its pictures: `generation.md` -> `generation/`."""
+  report = pathlib.Path(report)
+  return report.parent / report.stem
+
+
+def copy_pictures(workdir: pathlib.Path, names: Sequence[str], folder: pathlib.Path,
+                  prefix: str) -> list[tuple[str, pathlib.Path]]:
+  """Copies the files `names` of a finished run's workdir that exist into `folder`, as
+  `<prefix>_<name>`, so that a report's links resolve inside the repository. PNGs are
+  re-encoded with a 64-colour palette (grids of digits, plots and confusion matrices: about
+  half the size, no visible change). A copy newer than its source is kept; a run known from
+  the ledger alone (workdir gone) keeps the copy made before. Returns (name, copy) pairs."""
+  folder.mkdir(parents=True, exist_ok=True)
+  copies = []
+  for name in names:
+    source = workdir / name
+    target = folder / f"{prefix}_{name}"
+    if not source.exists():
+      if target.exists():
+        copies.append((name, target))
+      continue
+    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+      _write_copy(source, target)
+    copies.append((name, target))
+  return copies
+
+
+def _write_copy(source: pathlib.Path, target: pathlib.Path) -> None:
+  partial = target.with_name(target.name + ".partial")
+  try:
+    if source.suffix != ".png":
+      raise ValueError("copied as is")
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(source) as image:
+      image.convert("RGB").quantize(colors=64).save(partial, format="PNG", optimize=True)
+  except Exception:  # pylint: disable=broad-except  (not a PNG, or unreadable: copied as is)
+    shutil.copyfile(source, partial)
+  partial.replace(target)
+
+
+def picture_links(pictures: Sequence[tuple[str, pathlib.Path]], base: pathlib.Path) -> str:
+  """Markdown links to copied pictures, relative to the report's folder `base`."""
+  return " ".join(f"[{pathlib.Path(name).stem}]({os.path.relpath(copy, base)})"
+                  for name, copy in pictures) or "-"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

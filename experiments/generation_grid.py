@@ -58,7 +58,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -481,44 +480,6 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Report.
 
-def picture_dir(report: str | os.PathLike) -> pathlib.Path:
-  """The folder beside the report that holds its pictures: `generation.md` -> `generation/`."""
-  report = pathlib.Path(report)
-  return report.parent / report.stem
-
-
-def copy_pictures(record: RunRecord, folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
-  """Copies a finished run's pictures (its entry's `pictures`) into `folder`, named
-  `<entry key>[_seed<seed>]_<name>`, re-encoded with a 64-colour palette (the grids are
-  grayscale digits with titles: about half the size, no visible change). A copy newer than its
-  source is kept."""
-  folder.mkdir(parents=True, exist_ok=True)
-  copies = []
-  for name in record.run.entry.pictures:
-    source = record.run.workdir / name
-    seed = "" if record.run.seed is None else f"_seed{record.run.seed}"
-    target = folder / f"{record.run.entry.key.replace('/', '_')}{seed}_{name}"
-    if not source.exists():  # a run known from the ledger keeps the copy made before
-      if target.exists():
-        copies.append((name, target))
-      continue
-    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
-      _write_small_png(source, target)
-    copies.append((name, target))
-  return copies
-
-
-def _write_small_png(source: pathlib.Path, target: pathlib.Path) -> None:
-  partial = target.with_name(target.name + ".partial")
-  try:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(source) as image:
-      image.convert("RGB").quantize(colors=64).save(partial, format="PNG", optimize=True)
-  except Exception:  # pylint: disable=broad-except  (an unreadable picture is copied as is)
-    shutil.copyfile(source, partial)
-  partial.replace(target)
-
-
 def _fmt(row: Row, name: str) -> str:
   values = row.values(name)
   if not values:
@@ -558,11 +519,6 @@ def _ran(row: Row) -> str:
   return f"{last}; jax {', '.join(versions)}; {', '.join(devices)}"
 
 
-def _links(pictures: Sequence[tuple[str, pathlib.Path]], base: pathlib.Path) -> str:
-  return " ".join(f"[{name.removesuffix('.png')}]({os.path.relpath(copy, base)})"
-                  for name, copy in pictures) or "-"
-
-
 def _status_text(row: Row) -> str:
   return "; ".join([row.status] + row.notes).replace("|", "/")
 
@@ -570,13 +526,20 @@ def _status_text(row: Row) -> str:
 def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
                  fast: bool = False) -> dict[str, pathlib.Path]:
   """Markdown and CSV (beside it), and the finished runs' pictures copied into
-  `picture_dir(path)`; returns the paths of the two files."""
+  `shared.picture_dir(path)`; returns the paths of the two files."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  pictures = picture_dir(path)
+  pictures = shared.picture_dir(path)
+
+  def links(copies: Sequence[tuple[str, pathlib.Path]]) -> str:
+    return shared.picture_links(copies, path.parent)
+
   for row in rows:
     for record in row.done:
-      record.pictures = copy_pictures(record, pictures)
+      seed = "" if record.run.seed is None else f"_seed{record.run.seed}"
+      record.pictures = shared.copy_pictures(
+          record.run.workdir, record.run.entry.pictures, pictures,
+          f"{record.run.entry.key.replace('/', '_')}{seed}")
   machine = shared.machine_description()
   finished = [r.finished for row in rows for r in row.done if r.finished is not None]
   dates = (f"runs finished between {shared.format_date(min(finished))} and "
@@ -625,7 +588,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
       first_pictures = row.done[0].pictures if row.done else []
       cells = ([row.entry.key, row.entry.model] + [_fmt(row, n) for n in names]
                + ([_target(row), _meets(row, fast)] if with_target else [])
-               + [_status_text(row), _ran(row), _links(first_pictures, path.parent),
+               + [_status_text(row), _ran(row), links(first_pictures),
                   f"`{row.records[0].run.command}`"])
       lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Every run", ""]
@@ -643,7 +606,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
           f"- {name}: {_summary(record.metrics)}; {results.get('steps', '?')} steps, "
           f"{seconds:.0f} s (compile + train + eval); finished "
           f"{shared.format_date(record.finished)}, jax {results.get('jax_version', '?')}, "
-          f"{results.get('devices', '?')}; pictures {_links(record.pictures, path.parent)}; "
+          f"{results.get('devices', '?')}; pictures {links(record.pictures)}; "
           f"workdir `{run.workdir}`. `{run.command}`")
   lines += ["", f"CSV with the per-seed scores and every command: `{path.with_suffix('.csv').name}`"
             f"; pictures: `{os.path.relpath(pictures, path.parent)}/`.", ""]

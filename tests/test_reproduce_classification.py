@@ -70,6 +70,11 @@ def test_tiny_grid_trains_resumes_and_reports(tmp_path):
   text = report.read_text()
   assert "Smoke mode" in text and "uea/BasicMotions/transformer/val" in text and "(n=1)" in text
   assert (calls[0] / "confusion_matrix.png").exists()  # the pictures the issue asks for
+  copy = tmp_path / "classification" / (
+      "uea_BasicMotions_transformer_val_seed2021_confusion_matrix.png")
+  assert copy.exists()  # copied beside the report, and linked from its row
+  row_line = next(l for l in text.splitlines() if l.startswith(f"| {keys[0]} |"))
+  assert f"[confusion_matrix](classification/{copy.name})" in row_line
   with open(report.with_suffix(".csv"), newline="") as f:
     rows = {r["entry"]: r for r in csv.DictReader(f)}
   assert set(rows) == set(grid.CPU_KEYS)  # the whole table, with seeds 2021-2023

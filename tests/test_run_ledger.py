@@ -103,6 +103,7 @@ def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_pa
   runs = classification_grid.runs(chosen, seeds=2, workdir=workdir)
   for run, accuracy in zip(runs, (0.95, 1.0)):
     fake_classified(run, accuracy)
+  (runs[0].workdir / "examples.txt").write_text("true 1 predicted 1: ...\n")
   classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
   shutil.rmtree(workdir)
   classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
@@ -110,6 +111,9 @@ def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_pa
   assert row["n"] == "2" and row["accuracies"] == "0.950000 1.000000"
   assert row["status"] == "2 done, 1 not run"  # the report shows seeds 2021-2023
   assert "97.50 ± 3.54 (n=2)" in report.read_text()
+  # The picture copy made while the workdir existed is still linked.
+  assert ("[examples](classification/uea_BasicMotions_transformer_val_seed2021_examples.txt)"
+          in report.read_text())
 
 
 def test_generation_report_keeps_the_picture_copies_of_recorded_runs(tmp_path):
