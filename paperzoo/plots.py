@@ -118,7 +118,7 @@ def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str |
   counts = np.asarray(counts)
   rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
   n = len(class_names)
-  size = min(3 + 0.45 * n, 14)
+  size = min(max(4.5, 3 + 0.45 * n), 14)  # 4.5 inches hold the title of a 2-class matrix
   fig, ax = plt.subplots(figsize=(size, size * 0.9))
   image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
   fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
@@ -133,7 +133,8 @@ def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str |
         ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                 color="white" if rates[i, j] > 0.5 else "black")
   accuracy = np.trace(counts) / max(counts.sum(), 1)
-  ax.set_title(f"{title} accuracy {accuracy:.4f} ({int(counts.sum())} examples)".strip())
+  ax.set_title(f"{title}\naccuracy {accuracy:.4f} ({int(counts.sum())} examples)".strip(),
+               fontsize=10)
   fig.tight_layout()
   return _save(fig, path)
 
