@@ -224,9 +224,8 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
   path.parent.mkdir(parents=True, exist_ok=True)
   for row in rows:
     for run in row.done_runs:
-      row.pictures = shared.copy_pictures(
-          run.workdir, PICTURES, shared.picture_dir(path),
-          f"{run.entry.key.replace('/', '_')}_seed{run.seed}")
+      row.pictures = shared.copy_pictures(run.workdir, PICTURES, shared.picture_dir(path),
+                                          entry_key=run.entry.key, seed=run.seed)
       if row.pictures:
         break
   machine = shared.machine_description()

@@ -691,14 +691,16 @@ def picture_dir(report: str | os.PathLike) -> pathlib.Path:
   return report.parent / report.stem
 
 
-def copy_pictures(workdir: pathlib.Path, names: Sequence[str], folder: pathlib.Path,
-                  prefix: str) -> list[tuple[str, pathlib.Path]]:
+def copy_pictures(workdir: pathlib.Path, names: Sequence[str], folder: pathlib.Path, *,
+                  entry_key: str, seed: int | None) -> list[tuple[str, pathlib.Path]]:
   """Copies the files `names` of a finished run's workdir that exist into `folder`, as
-  `<prefix>_<name>`, so that a report's links resolve inside the repository. PNGs are
+  `<entry key, / as _>[_seed<seed>]_<name>`, so that a report's links resolve inside the
+  repository. PNGs are
   re-encoded with a 64-colour palette (grids of digits, plots and confusion matrices: about
   half the size, no visible change). A copy newer than its source is kept; a run known from
   the ledger alone (workdir gone) keeps the copy made before. Returns (name, copy) pairs."""
   folder.mkdir(parents=True, exist_ok=True)
+  prefix = entry_key.replace("/", "_") + ("" if seed is None else f"_seed{seed}")
   copies = []
   for name in names:
     source = workdir / name
@@ -715,14 +717,15 @@ def copy_pictures(workdir: pathlib.Path, names: Sequence[str], folder: pathlib.P
 
 def _write_copy(source: pathlib.Path, target: pathlib.Path) -> None:
   partial = target.with_name(target.name + ".partial")
-  try:
-    if source.suffix != ".png":
-      raise ValueError("copied as is")
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(source) as image:
-      image.convert("RGB").quantize(colors=64).save(partial, format="PNG", optimize=True)
-  except Exception:  # pylint: disable=broad-except  (not a PNG, or unreadable: copied as is)
+  if source.suffix != ".png":
     shutil.copyfile(source, partial)
+  else:
+    try:
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(source) as image:
+        image.convert("RGB").quantize(colors=64).save(partial, format="PNG", optimize=True)
+    except Exception:  # pylint: disable=broad-except  (an unreadable picture is copied as is)
+      shutil.copyfile(source, partial)
   partial.replace(target)
 
 

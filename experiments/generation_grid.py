@@ -536,10 +536,9 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
 
   for row in rows:
     for record in row.done:
-      seed = "" if record.run.seed is None else f"_seed{record.run.seed}"
       record.pictures = shared.copy_pictures(
           record.run.workdir, record.run.entry.pictures, pictures,
-          f"{record.run.entry.key.replace('/', '_')}{seed}")
+          entry_key=record.run.entry.key, seed=record.run.seed)
   machine = shared.machine_description()
   finished = [r.finished for row in rows for r in row.done if r.finished is not None]
   dates = (f"runs finished between {shared.format_date(min(finished))} and "

@@ -198,8 +198,10 @@ def downsample(images: np.ndarray, factor: int) -> np.ndarray:
   if factor < 1 or height % factor or width % factor:
     raise ValueError(f"factor={factor} must be a positive divisor of the image size "
                      f"{height}x{width}")
+  if factor == 1:
+    return images
   blocks = images.reshape(n, height // factor, factor, width // factor, factor)
-  total = blocks.sum(axis=(2, 4), dtype=np.int64)
+  total = blocks.sum(axis=(2, 4), dtype=np.int32)  # at most 255 * factor**2
   return ((2 * total + factor**2) // (2 * factor**2)).astype(np.uint8)  # floor(mean + 1/2)
 
 
