@@ -23,9 +23,9 @@ CPU size: a 2-layer, 64-wide model on sequences of 256 tokens: ListOps 20k/2k/2k
 of 50 to 250 tokens (seq_len 256); Pathfinder 20k/2k/2k images generated at 16x16 (the
 generator scales every length, contour length 14 as at 32); Image the full set, each 2x2 block
 of pixels averaged (16x16). At LRA's 1,024 tokens one attention step of this small model took
-8 s on 2 CPU cores (batch 64), so ten epochs would take about seven hours per run. At 16x16
-the Pathfinder markers are as thin as the paths and the CPU models stay at chance
-(experiments/results/classification_notes.md): Pathfinder needs the full size.
+8 s on 2 CPU cores (batch 64), so ten epochs would take about seven hours per run. The CPU
+models stay at chance on Pathfinder, at 16x16 and also with markers drawn larger than the
+paths (experiments/results/classification_notes.md): Pathfinder needs the full size.
 """
 
 from experiments.configs import common
