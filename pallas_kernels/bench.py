@@ -23,7 +23,10 @@ Shapes: the issue's grid on GPU (B*S = 16k tokens, H*D = 2048, D in {64,
 128}, S from 512 to 16k, causal and not; scan batch 8, channels 2048, state
 16, length 2k; linear attention length 4k). `--quick` runs tiny shapes, so
 that the harness itself is exercised on CPU (through interpret mode, whose
-times mean nothing about kernel speed).
+times mean nothing about kernel speed). `--scan_shape=B,L,D,N` times the
+scan at a model's size instead; on CPU, without --quick, that compares the
+two jnp scans alone (the associative scan and `lax.scan`, which
+`impl="auto"` picks for large scans there).
 """
 from __future__ import annotations
 
@@ -169,8 +172,8 @@ def bench_attention(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
 
 
 def bench_scan(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
-  batch, length, channels, state = ((1, 32, 16, 4) if args.quick
-                                    else (8, 2048, 2048, 16))
+  batch, length, channels, state = args.scan_shape or (
+      (1, 32, 16, 4) if args.quick else (8, 2048, 2048, 16))
   rng = np.random.default_rng(0)
   seq = (batch, length, channels)
 
@@ -195,11 +198,12 @@ def bench_scan(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
   def grouped(x):
     return x[:, :, None]
 
-  impls = {
-      pallas_impl: lambda *a: selective_scan(*a[:5], D=a[5], z=a[6],
-                                             delta_bias=a[7],
-                                             delta_softplus=True,
-                                             impl=pallas_impl),
+  impls = {}
+  if args.quick or pallas_impl == "pallas":  # interpret mode at a real size: hours
+    impls[pallas_impl] = lambda *a: selective_scan(
+        *a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True,
+        impl=pallas_impl)
+  impls |= {
       "associative": lambda u, d, A, B, C, D, z, b: reference_scan(
           u, d, A, grouped(B), grouped(C), D, z, b, True)[0],
       "lax.scan": lambda u, d, A, B, C, D, z, b: sequential_scan(
@@ -279,7 +283,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="timed calls per measurement (median)")
   parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                       help="default bfloat16 on GPU/TPU, float32 on CPU")
+  parser.add_argument("--scan_shape", default=None,
+                      type=lambda text: tuple(int(x) for x in text.split(",")),
+                      help="the selective scan's batch,length,channels,state "
+                      "(e.g. a model's, on CPU: 64,256,128,16)")
   args = parser.parse_args(argv)
+  if args.scan_shape is not None and (len(args.scan_shape) != 4
+                                      or min(args.scan_shape) < 1):
+    parser.error(f"--scan_shape needs 4 positive sizes, got {args.scan_shape}")
   kernels = [name for name in args.kernels.split(",") if name]
   unknown = set(kernels) - set(KERNELS)
   if unknown:
