@@ -9,8 +9,8 @@ selection protocol, and the command. The runs' workdirs also hold each run's con
 and example inputs (`PICTURES`); the report links those of each entry's first finished seed,
 copied into `experiments/results/classification/`.
 
-The training loop, run states (done / stale / failed / started) and the workdir check are the
-forecasting grid's (`experiments.forecasting_grid`), shared.
+The training loop, run states (done / stale / failed / started) and the workdir check are
+those every grid shares (`experiments.grids`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from experiments import forecasting_grid as shared
+from experiments import grids
 from experiments import run_ledger
 
-REPO_ROOT = shared.REPO_ROOT
+REPO_ROOT = grids.REPO_ROOT
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce_classification")
 DEFAULT_REPORT = REPO_ROOT / "experiments" / "results" / "classification.md"
 
@@ -93,8 +93,8 @@ PICTURES = ("confusion_matrix.png", "examples.png", "examples.txt")
 
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   """The entries whose key equals or starts with one of `keys` (all when None; a prefix that
-  also reaches CPU entries selects only those: `shared.select_entries`)."""
-  return shared.select_entries(ENTRIES, keys, CPU_KEYS)
+  also reaches CPU entries selects only those: `grids.select_entries`)."""
+  return grids.select_entries(ENTRIES, keys, CPU_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +120,15 @@ class ClassificationRun:
             f"--config=experiments/configs/{self.entry.config}.py:{self.config_arg}")
 
   def config(self):
-    return shared.load_config(self.entry.config, self.config_arg)
+    return grids.load_config(self.entry.config, self.config_arg)
 
 
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
          fast: bool = False, ledger: run_ledger.Ledger | None = None
          ) -> list[ClassificationRun]:
-  root = shared.check_workdir(workdir) / ("fast" if fast else "protocol")
+  root = grids.check_workdir(workdir) / ("fast" if fast else "protocol")
   return [ClassificationRun(entry, seed, root / entry.key / f"seed{seed}", fast, ledger)
-          for entry in chosen for seed in shared.seeds_list(seeds)]
+          for entry in chosen for seed in grids.seeds_list(seeds)]
 
 
 def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequence[int] = 3,
@@ -137,7 +137,7 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
                        train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None = None,
                        log: Callable[[str], None] = print) -> dict[str, list[Any]]:
   """Trains every unfinished run of the chosen entries (default: the CPU ones), writing the
-  report after each; returns the runs by outcome (as `forecasting_grid.run_forecasting`)."""
+  report after each; returns the runs by outcome (`grids.train_runs`)."""
   chosen = entries(keys if keys is not None else CPU_KEYS)
   ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
   grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
@@ -146,25 +146,25 @@ def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequen
     if report is not None:
       update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
-  return shared.train_runs(
+  return grids.train_runs(
       grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
       describe=lambda run: f"{run.entry.key} seed {run.seed}",
       summarize=lambda results: f"test accuracy={results['test']['accuracy']:.4f}")
 
 
 def update_report(chosen: Sequence[Entry] = (), *,
-                  seeds: int | Sequence[int] = shared.REPORT_SEEDS,
+                  seeds: int | Sequence[int] = grids.REPORT_SEEDS,
                   workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
                   report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
   """Records the finished workdirs in the report's ledger and rewrites the whole table (every
-  CPU entry and `chosen`); see `forecasting_grid.update_entry_report`."""
-  return shared.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
+  CPU entry and `chosen`); see `grids.update_entry_report`."""
+  return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
                                     workdir=workdir, fast=fast, report=report)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
                       workdir: str | os.PathLike, fast: bool) -> str:
-  return shared.entries_command("classification", keys, seeds=seeds, workdir=workdir, fast=fast)
+  return grids.entries_command("classification", keys, seeds=seeds, workdir=workdir, fast=fast)
 
 
 @dataclasses.dataclass
@@ -180,7 +180,7 @@ class Row:
 
   @property
   def mean_std(self) -> tuple[float, float]:
-    return shared.mean_std(self.accuracies)
+    return grids.mean_std(self.accuracies)
 
 
 def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
@@ -194,7 +194,7 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
     by_entry.setdefault(run.entry.key, []).append(run)
   for entry in chosen:
     entry_runs = by_entry[entry.key]
-    states = [shared.run_state(run) for run in entry_runs]
+    states = [grids.run_state(run) for run in entry_runs]
     done = [(run, s) for run, s in zip(entry_runs, states) if s.status == "done"]
     counts: dict[str, int] = {}
     for state in states:
@@ -218,21 +218,21 @@ def _fmt(mean: float, std: float, n: int) -> str:
 def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
                  fast: bool = False) -> dict[str, pathlib.Path]:
   """Markdown and CSV: ours (mean ± std over seeds, in %), published, protocol, pictures (of
-  each entry's first finished seed that has them, copied into `shared.picture_dir(path)`),
+  each entry's first finished seed that has them, copied into `grids.picture_dir(path)`),
   command."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   for row in rows:
     for run in row.done_runs:
-      row.pictures = shared.copy_pictures(run.workdir, PICTURES, shared.picture_dir(path),
+      row.pictures = grids.copy_pictures(run.workdir, PICTURES, grids.picture_dir(path),
                                           entry_key=run.entry.key, seed=run.seed)
       if row.pictures:
         break
-  machine = shared.machine_description()
+  machine = grids.machine_description()
   finished = [t for row in rows for t in row.finished]
   done = sum(len(row.accuracies) for row in rows)
-  dates = (f"runs finished between {shared.format_date(min(finished))} and "
-           f"{shared.format_date(max(finished))}" if finished else "")
+  dates = (f"runs finished between {grids.format_date(min(finished))} and "
+           f"{grids.format_date(max(finished))}" if finished else "")
   if done > len(finished):  # records recovered without their time (run_ledger)
     dates += ("; " if dates else "") + (f"{done - len(finished)} of {done} finished runs at "
                                         "unknown times (recovered records, see the ledger)")
@@ -240,7 +240,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
   lines = [
       "# Classification: Long Range Arena, vision backbones, UEA", "",
       f"- Command: `{command}`",
-      f"- Written: {shared.format_date(time.time())}; {dates}",
+      f"- Written: {grids.format_date(time.time())}; {dates}",
       f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
       f"paperzoo commit {machine['commit']}",
       f"- Machine: {machine['platform']}; CPU {machine['cpu']}; {machine['devices']}",
@@ -263,7 +263,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
     published = "-" if row.entry.published is None else f"{100 * row.entry.published:.2f}"
     lines.append(f"| {row.entry.key} | {_fmt(mean, std, len(row.accuracies))} | {published} | "
                  f"{row.entry.source} | {row.status} | "
-                 f"{shared.picture_links(row.pictures, path.parent)} | `{row.commands[0]}` |")
+                 f"{grids.picture_links(row.pictures, path.parent)} | `{row.commands[0]}` |")
   path.write_text("\n".join(lines) + "\n")
   csv_path = path.with_suffix(".csv")
   with csv_path.open("w", newline="") as stream:

@@ -31,24 +31,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import importlib
-import json
 import math
 import os
 import pathlib
-import platform
-import shutil
-import traceback
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from experiments import grids
 from experiments import run_ledger
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce")
-DEFAULT_REPORT = REPO_ROOT / "experiments" / "results" / "forecasting.md"
+DEFAULT_REPORT = grids.REPO_ROOT / "experiments" / "results" / "forecasting.md"
 
 # Data set -> (lookback, horizons): the protocol's grid.
 PROTOCOL: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -57,10 +51,6 @@ PROTOCOL: dict[str, tuple[int, tuple[int, ...]]] = {
     "exchange": (96, (96, 192, 336, 720)),
     "illness": (36, (24, 36, 48, 60)),
 }
-FIRST_SEED = 2021  # seeds are FIRST_SEED, FIRST_SEED + 1, ...
-# A report shows at least this many seeds, whatever a run asked for: a one-seed run updates its
-# cells without hiding the other seeds of the table.
-REPORT_SEEDS = 3
 TARGET = 0.03  # a cell meets the target when its mean MSE <= (1 + TARGET) x the paper's MSE
 AVG = "avg"  # the "horizon" of the mean over a data set's horizons (the papers' headline number)
 
@@ -71,7 +61,7 @@ NO_PAPER_NUMBER: tuple[str, ...] = ("gateformer", "transformer")
 MODEL_ORDER = ("itransformer", "patchtst", "dlinear", "autoformer", "smamba", "informer",
                "gateformer", "transformer")
 # Configs in experiments/configs that are not grid models.
-_NOT_MODELS = ("__init__", "common", "quickstart")
+_NOT_MODELS = ("quickstart",)
 
 # ---------------------------------------------------------------------------------------------
 # The papers' numbers: (model, data, horizon or AVG) -> (MSE, MAE or None, source key).
@@ -123,10 +113,9 @@ def paper_number(model: str, data: str, horizon: int | str
 # ---------------------------------------------------------------------------------------------
 # Models and configs.
 
-def config_names(config_dir: str | os.PathLike = CONFIG_DIR) -> list[str]:
-  """Config files in `config_dir` that are model configs (not common, quickstart, ...)."""
-  return sorted(p.stem for p in pathlib.Path(config_dir).glob("*.py")
-                if p.stem not in _NOT_MODELS and not p.stem.startswith("_"))
+def config_names(config_dir: str | os.PathLike = grids.CONFIG_DIR) -> list[str]:
+  """Config files in `config_dir` that could be grid models (not quickstart)."""
+  return [name for name in grids.config_files(config_dir) if name not in _NOT_MODELS]
 
 
 def _order(models: Iterable[str]) -> list[str]:
@@ -138,13 +127,13 @@ def is_forecasting_config(model: str) -> bool | None:
   """Whether experiments/configs/<model>.py's default config is a real-data forecasting run
   (None: the config fails to build, e.g. while it is being written)."""
   try:
-    config = load_config(model, None)
-  except Exception:  # pylint: disable=broad-except  (reported per cell by run_state)
+    config = grids.load_config(model, None)
+  except Exception:  # pylint: disable=broad-except  (reported per cell by grids.run_state)
     return None
   return config.task.name == "forecasting" and config.data.name != "synthetic"
 
 
-def default_models(config_dir: str | os.PathLike = CONFIG_DIR) -> list[str]:
+def default_models(config_dir: str | os.PathLike = grids.CONFIG_DIR) -> list[str]:
   """Every forecasting config with a paper number or in NO_PAPER_NUMBER, in display order.
   A listed config that fails to build stays in, so its cells show the error."""
   wanted = {model for model, _, _ in PAPER_NUMBERS} | set(NO_PAPER_NUMBER)
@@ -159,12 +148,6 @@ def report_models(requested: Iterable[str] = ()) -> list[str]:
                 | set(NO_PAPER_NUMBER))
 
 
-def load_config(model: str, arg: str | None):
-  """`experiments/configs/<model>.py`'s get_config(arg), the config `experiments.run` builds."""
-  if not (CONFIG_DIR / f"{model}.py").exists():
-    raise FileNotFoundError(f"no config experiments/configs/{model}.py; configs: "
-                            f"{', '.join(config_names())}")
-  return importlib.import_module(f"experiments.configs.{model}").get_config(arg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +186,7 @@ class Run:
 
   def config(self):
     """This run's config; raises (ValueError, FileNotFoundError, ...) if the config refuses it."""
-    config = load_config(self.model, self.config_arg)
+    config = grids.load_config(self.model, self.config_arg)
     got = (config.data.name, config.data.seq_len, config.data.pred_len, config.seed)
     want = (self.data, self.seq_len, self.pred_len, self.seed)
     if got != want:
@@ -212,69 +195,18 @@ class Run:
     return config
 
 
-def seeds_list(seeds: int | Sequence[int]) -> list[int]:
-  """`3` -> [2021, 2022, 2023]; an explicit list is kept."""
-  if isinstance(seeds, int):
-    if seeds < 1:
-      raise ValueError(f"seeds must be >= 1, got {seeds}")
-    return [FIRST_SEED + i for i in range(seeds)]
-  return [int(s) for s in seeds]
 
 
-def seeds_flag(seeds: int | Sequence[int]) -> str:
-  """The reproduce flag that asks for `seeds`: `--seeds=3`, or `--seed_list=...` otherwise."""
-  seeds = seeds_list(seeds)
-  return (f"--seeds={len(seeds)}" if seeds == seeds_list(len(seeds))
-          else f"--seed_list={','.join(map(str, seeds))}")
 
 
-def _key_matches(key: str, wanted: str) -> bool:
-  return key == wanted or key.startswith(wanted.rstrip("/") + "/")
 
 
-def report_seeds(seeds: int | Sequence[int]) -> list[int]:
-  """The seeds a report shows: the requested ones and the first REPORT_SEEDS."""
-  return sorted(set(seeds_list(seeds)) | set(seeds_list(REPORT_SEEDS)))
 
 
-def select_entries(all_entries: Sequence[Any], keys: Iterable[str] | None,
-                   cpu_keys: Iterable[str] = ()) -> list[Any]:
-  """The entries (anything with a `.key`) whose key equals or starts with one of `keys`, in
-  table order (all when None); an unknown key is an error that lists the valid ones. A key that
-  reaches both CPU entries (`cpu_keys`) and GPU ones selects only the CPU ones, so `lra/listops`
-  never starts a full-size GPU run by accident; a key that reaches only GPU entries
-  (`cifar10`, `lra/listops/attention/full`) selects them. The classification and generation
-  grids choose their entries this way."""
-  if keys is None:
-    return list(all_entries)
-  cpu_keys = set(cpu_keys)
-  selected, unknown = set(), []
-  for wanted in keys:
-    matches = {e.key for e in all_entries if _key_matches(e.key, wanted)}
-    if not matches:
-      unknown.append(wanted)
-    selected |= (matches & cpu_keys) or matches
-  if unknown:
-    raise ValueError(f"unknown entries {unknown}; valid keys (or their prefixes): "
-                     f"{', '.join(e.key for e in all_entries)}")
-  return [e for e in all_entries if e.key in selected]
 
 
-def entries_command(subcommand: str, keys: Sequence[str], *, seeds: int | Sequence[int],
-                    workdir: str | os.PathLike, fast: bool) -> str:
-  """The command line that runs (or resumes) these entries of an entry grid."""
-  parts = [f"python -m experiments.reproduce {subcommand}", f"--entries={','.join(keys)}",
-           seeds_flag(seeds), f"--workdir={workdir}"]
-  return " ".join(parts + (["--fast"] if fast else []))
 
 
-def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  """The grid's root directory; never inside the repository (checkpoints do not belong there)."""
-  workdir = pathlib.Path(workdir).expanduser().resolve()
-  if workdir == REPO_ROOT or REPO_ROOT in workdir.parents:
-    raise ValueError(f"--workdir={workdir} is inside the repository {REPO_ROOT}; put the runs "
-                     f"elsewhere (default {DEFAULT_WORKDIR})")
-  return workdir
 
 
 def horizons_of(data: str, horizons: Iterable[int] | None = None) -> list[int]:
@@ -290,72 +222,24 @@ def runs(models: Sequence[str], datasets: Sequence[str], *, seeds: int | Sequenc
          fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[Run]:
   """The grid's runs in order: model, data set, horizon, seed (reading `ledger` for runs whose
   workdir holds no result)."""
-  root = check_workdir(workdir) / ("fast" if fast else "protocol")
+  root = grids.check_workdir(workdir) / ("fast" if fast else "protocol")
   horizons = None if horizons is None else set(horizons)
   result = []
   for model in models:
     for data in datasets:
       for pred_len in horizons_of(data, horizons):
         seq_len = PROTOCOL[data][0]
-        for seed in seeds_list(seeds):
+        for seed in grids.seeds_list(seeds):
           result.append(Run(model, data, seq_len, pred_len, seed,
                             root / model / f"{data}_{seq_len}_{pred_len}" / f"seed{seed}", fast,
                             ledger))
   return result
 
 
-@dataclasses.dataclass
-class RunState:
-  """What a run's workdir holds: status is one of done, stale, failed, started, not run,
-  unsupported (the config refuses the cell), no config or config error."""
-
-  status: str
-  results: dict[str, Any] | None = None
-  detail: str = ""
-  finished: float | None = None  # when results.json was written (None: unknown)
 
 
-# Cells the grid cannot run as configured (shown with the reason, never trained).
-REFUSED = ("no config", "config error", "unsupported")
 
 
-def run_state(run: Any) -> RunState:
-  """Reads `run.workdir`, then `run.ledger` (a run's record there outlives its workdir):
-  finished (and still matching today's config), half done, failed..."""
-  try:
-    config = run.config()
-  except FileNotFoundError as error:
-    return RunState("no config", detail=str(error))
-  except ValueError as error:
-    return RunState("unsupported", detail=str(error))
-  except Exception as error:  # pylint: disable=broad-except  (a config being written)
-    return RunState("config error", detail=f"{type(error).__name__}: {error}")
-  results_path = run.workdir / "results.json"
-  if results_path.exists():
-    results = json.loads(results_path.read_text())
-    saved_path = run.workdir / "config.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    finished = results_path.stat().st_mtime
-    differences = run_ledger.config_differences(saved, run_ledger.config_dict(config))
-    if differences:
-      return RunState("stale", results, "config changed since the run: "
-                      + ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else ""),
-                      finished)
-    return RunState("done", results, finished=finished)
-  error_path = run.workdir / "error.txt"
-  if error_path.exists():
-    lines = error_path.read_text().strip().splitlines()
-    return RunState("failed", detail=lines[-1] if lines else "")
-  if (run.workdir / "checkpoints").exists():
-    return RunState("started", detail="checkpoints without results.json: resumes when run")
-  record = run.ledger.get(run.key) if run.ledger is not None else None
-  if record is not None:
-    if record.config_digest != run_ledger.config_digest(run_ledger.config_dict(config)):
-      return RunState("stale", record.results, f"config changed since the run (recorded in "
-                      f"{run.ledger.path.name} at commit {record.commit}; its workdir is gone)",
-                      record.finished)
-    return RunState("done", record.results, finished=record.finished)
-  return RunState("not run")
 
 
 def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
@@ -381,21 +265,21 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
     if report is not None:
       update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
-  return train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
+  return grids.train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
                     log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
                                                   f"{run.pred_len} seed {run.seed}",
                     summarize=lambda results: f"test mse={results['test']['mse']:.4f} "
                                               f"mae={results['test']['mae']:.4f}")
 
 
-def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = REPORT_SEEDS,
+def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = grids.REPORT_SEEDS,
                   workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
                   report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
   """Records the finished workdirs in the report's ledger, then rewrites the whole table
   (every model of `report_models(models)`, every data set, `report_seeds(seeds)`) from the
   workdirs and the ledger; returns write_report's paths."""
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-  models, seeds = report_models(models), report_seeds(seeds)
+  models, seeds = report_models(models), grids.report_seeds(seeds)
   ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
                    ledger=ledger))
   rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
@@ -404,87 +288,12 @@ def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = RE
   return write_report(rows, report, command=command, fast=fast)
 
 
-def update_entry_report(grid: Any, chosen: Sequence[Any], *, seeds: int | Sequence[int],
-                        workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
-                        ) -> dict[str, pathlib.Path]:
-  """`update_report` of an entry grid (the classification or generation module, `grid`):
-  records the finished workdirs in the report's ledger, then rewrites the whole table (every
-  entry of `grid.CPU_KEYS` and `chosen`, `report_seeds(seeds)`) from the workdirs and the
-  ledger; returns write_report's paths."""
-  chosen = grid.entries({e.key for e in chosen} | set(grid.CPU_KEYS))
-  seeds = report_seeds(seeds)
-  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-  ledger.sync(grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
-  rows = grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
-  command = grid.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
-                                   fast=fast)
-  return grid.write_report(rows, report, command=command, fast=fast)
 
 
-OUTCOMES = ("trained", "skipped", "unsupported", "stale", "failed", "preempted")
 
 
-def train_runs(grid_runs: Sequence[Any], *,
-               train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None,
-               write: Callable[[], None], rerun_stale: bool, log: Callable[[str], None],
-               describe: Callable[[Any], str], summarize: Callable[[dict[str, Any]], str]
-               ) -> dict[str, list[Any]]:
-  """The loop every reproduction grid shares: trains each unfinished run in order (with
-  `train_fn`, default `paperzoo.train_and_evaluate`), calling `write()` after each, and returns
-  the runs sorted by outcome (OUTCOMES). A run is anything with `workdir`, `command` and
-  `config()` (see `run_state`)."""
-  if train_fn is None:
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    train_fn = paperzoo.train_and_evaluate
-  outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
-  for index, run in enumerate(grid_runs, 1):
-    name = f"[{index}/{len(grid_runs)}] {describe(run)}"
-    state = run_state(run)
-    if state.status == "done":
-      outcome["skipped"].append(run)
-      log(f"{name}: finished before, skipped ({run.workdir})")
-      continue
-    if state.status in REFUSED:
-      outcome["unsupported"].append(run)
-      log(f"{name}: {state.status}: {state.detail}")
-      continue
-    if state.status == "stale":
-      if not rerun_stale:
-        outcome["stale"].append(run)
-        log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
-        continue
-      if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
-        _move_aside(run.workdir)
-    log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
-                                                   else ""))
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-      results = train_fn(run.config(), run.workdir)
-    except Exception:  # pylint: disable=broad-except  (recorded; the grid goes on)
-      (run.workdir / "error.txt").write_text(f"{run.command}\n\n{traceback.format_exc()}")
-      outcome["failed"].append(run)
-      log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")
-      write()
-      continue
-    if results.get("status") == "preempted":
-      outcome["preempted"].append(run)
-      log(f"{name}: preempted at step {results.get('step')}; run again to resume")
-      break
-    (run.workdir / "error.txt").unlink(missing_ok=True)
-    outcome["trained"].append(run)
-    log(f"{name}: {summarize(results)}")
-    write()
-  write()
-  return outcome
 
 
-def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
-  for i in range(1, 1000):
-    target = workdir.with_name(f"{workdir.name}.stale{i}")
-    if not target.exists():
-      workdir.rename(target)
-      return target
-  raise RuntimeError(f"too many stale copies of {workdir}")
 
 
 def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
@@ -493,7 +302,7 @@ def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
   """The command line that runs (or resumes) this grid."""
   parts = ["python -m experiments.reproduce forecasting", f"--models={','.join(models)}",
            f"--datasets={','.join(datasets)}"]
-  parts.append(seeds_flag(seeds))
+  parts.append(grids.seeds_flag(seeds))
   if horizons is not None:
     parts.append(f"--horizons={','.join(str(h) for h in sorted(set(horizons)))}")
   parts.append(f"--workdir={workdir}")
@@ -507,12 +316,6 @@ def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
 # ---------------------------------------------------------------------------------------------
 # Aggregation.
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; NaN for a single value)."""
-  values = np.asarray(values, np.float64)
-  if values.size == 0:
-    return math.nan, math.nan
-  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
 
 
 @dataclasses.dataclass
@@ -543,11 +346,11 @@ class Row:
 
   @property
   def mse_mean_std(self) -> tuple[float, float]:
-    return mean_std(self.mse)
+    return grids.mean_std(self.mse)
 
   @property
   def mae_mean_std(self) -> tuple[float, float]:
-    return mean_std(self.mae)
+    return grids.mean_std(self.mae)
 
   @property
   def rel_mse(self) -> float | None:
@@ -578,7 +381,7 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
   horizon finished count)."""
   models = list(models) if models is not None else report_models()
   datasets = list(datasets) if datasets is not None else list(PROTOCOL)
-  seeds = seeds_list(seeds)
+  seeds = grids.seeds_list(seeds)
   rows = []
   for model in models:
     for data in datasets:
@@ -588,7 +391,7 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
         states = []
         for run in runs([model], [data], seeds=seeds, horizons=[pred_len], workdir=workdir,
                         fast=fast, ledger=ledger):
-          state = run_state(run)
+          state = grids.run_state(run)
           states.append(state)
           if state.status == "done":
             row.seeds_done.append(run.seed)
@@ -608,11 +411,11 @@ def collect(models: Sequence[str] | None = None, datasets: Sequence[str] | None 
   return rows
 
 
-def _cell_status(states: list[RunState], requested: int) -> tuple[str, list[str]]:
-  by_status: dict[str, list[RunState]] = {}
+def _cell_status(states: list[grids.RunState], requested: int) -> tuple[str, list[str]]:
+  by_status: dict[str, list[grids.RunState]] = {}
   for state in states:
     by_status.setdefault(state.status, []).append(state)
-  for refused in REFUSED:
+  for refused in grids.REFUSED:
     if refused in by_status:
       return refused, [by_status[refused][0].detail]
   done = len(by_status.get("done", []))
@@ -647,7 +450,7 @@ def _average_row(model: str, data: str, seeds: list[int], cell_rows: list[Row], 
     row.devices |= r.devices
     row.finished += r.finished
     row.seconds += r.seconds
-  refused = [r for r in cell_rows if r.status in REFUSED]
+  refused = [r for r in cell_rows if r.status in grids.REFUSED]
   if refused:
     row.status, row.notes = refused[0].status, refused[0].notes[:1]
   elif row.n == len(seeds):
@@ -664,75 +467,14 @@ def _average_row(model: str, data: str, seeds: list[int], cell_rows: list[Row], 
 # ---------------------------------------------------------------------------------------------
 # Report: markdown table, CSV, plot.
 
-def machine_description() -> dict[str, str]:
-  """Versions and machine, for the report header."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  devices = jax.devices()
-  return {
-      "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-      "platform": platform.platform(), "cpu": f"{cpu} ({os.cpu_count()} cores)",
-      "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
-      "commit": run_ledger.current_commit(),
-  }
 
 
-def picture_dir(report: str | os.PathLike) -> pathlib.Path:
-  """The folder beside a report that holds its pictures: `generation.md` -> `generation/`."""
-  report = pathlib.Path(report)
-  return report.parent / report.stem
 
 
-def copy_pictures(workdir: pathlib.Path, names: Sequence[str], folder: pathlib.Path, *,
-                  entry_key: str, seed: int | None) -> list[tuple[str, pathlib.Path]]:
-  """Copies the files `names` of a finished run's workdir that exist into `folder`, as
-  `<entry key, / as _>[_seed<seed>]_<name>`, so that a report's links resolve inside the
-  repository. PNGs are
-  re-encoded with a 64-colour palette (grids of digits, plots and confusion matrices: about
-  half the size, no visible change). A copy newer than its source is kept; a run known from
-  the ledger alone (workdir gone) keeps the copy made before. Returns (name, copy) pairs."""
-  folder.mkdir(parents=True, exist_ok=True)
-  prefix = entry_key.replace("/", "_") + ("" if seed is None else f"_seed{seed}")
-  copies = []
-  for name in names:
-    source = workdir / name
-    target = folder / f"{prefix}_{name}"
-    if not source.exists():
-      if target.exists():
-        copies.append((name, target))
-      continue
-    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
-      _write_copy(source, target)
-    copies.append((name, target))
-  return copies
 
 
-def _write_copy(source: pathlib.Path, target: pathlib.Path) -> None:
-  partial = target.with_name(target.name + ".partial")
-  if source.suffix != ".png":
-    shutil.copyfile(source, partial)
-  else:
-    try:
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      with Image.open(source) as image:
-        image.convert("RGB").quantize(colors=64).save(partial, format="PNG", optimize=True)
-    except Exception:  # pylint: disable=broad-except  (an unreadable picture is copied as is)
-      shutil.copyfile(source, partial)
-  partial.replace(target)
 
 
-def picture_links(pictures: Sequence[tuple[str, pathlib.Path]], base: pathlib.Path) -> str:
-  """Markdown links to copied pictures, relative to the report's folder `base`."""
-  return " ".join(f"[{pathlib.Path(name).stem}]({os.path.relpath(copy, base)})"
-                  for name, copy in pictures) or "-"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -744,7 +486,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _fmt_mean_std(values: list[float]) -> str:
   if not values:
     return "-"
-  mean, std = mean_std(values)
+  mean, std = grids.mean_std(values)
   return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
@@ -776,7 +518,7 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
   md_path = pathlib.Path(path)
   csv_path, png_path = md_path.with_suffix(".csv"), md_path.with_suffix(".png")
   md_path.parent.mkdir(parents=True, exist_ok=True)
-  machine = machine_description()
+  machine = grids.machine_description()
   now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
   finished = [t for row in rows if row.pred_len != AVG for t in row.finished]
   devices = sorted({d for row in rows if row.pred_len != AVG for d in row.devices})
@@ -792,8 +534,8 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
   lines += [
       f"- Command: `{command}`",
       f"- Written: {now}"
-      + (f"; runs finished between {format_date(min(finished))} and "
-         f"{format_date(max(finished))}"
+      + (f"; runs finished between {grids.format_date(min(finished))} and "
+         f"{grids.format_date(max(finished))}"
          if finished else "; no run finished yet"),
       f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
       f"paperzoo commit {machine['commit']}",
@@ -815,7 +557,7 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
   met = [r for r in compared if r.mse and r.meets_target]
   missed = [r for r in compared if r.mse and not r.meets_target]
   lines += [f"Runs finished: {sum(r.n for r in cells)} of "
-            f"{sum(len(r.seeds_requested) for r in cells if r.status not in REFUSED)}"
+            f"{sum(len(r.seeds_requested) for r in cells if r.status not in grids.REFUSED)}"
             f" possible ({len(run_cells)} of {len(cells)} cells have at least one seed). "
             f"Comparisons with a paper number: {len(compared)}, of which "
             f"{len(met) + len(missed)} run: "
@@ -860,7 +602,7 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
             "| model | runs finished | hours | minutes per run | runs left | hours left (est.) |",
             "| --- | --- | --- | --- | --- | --- |"]
   for model in dict.fromkeys(r.model for r in cells):
-    runnable = [r for r in cells if r.model == model and r.status not in REFUSED]
+    runnable = [r for r in cells if r.model == model and r.status not in grids.REFUSED]
     done = sum(r.n for r in runnable)
     left = sum(len(r.seeds_requested) for r in runnable) - done
     seconds = sum(s for r in runnable for s in r.seconds)
@@ -899,13 +641,13 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
           "status": _status_text(row),
           "seconds_per_run": _csv_number(float(np.mean(row.seconds)) if row.seconds else None),
           "devices": " ".join(sorted(row.devices)),
-          "last_finished": format_date(max(row.finished)) if row.finished else "",
+          "last_finished": grids.format_date(max(row.finished)) if row.finished else "",
           "command": row.command,
       })
 
   points = [{"label": f"{r.model} {r.data} {r.pred_len}", "model": r.model, "data": r.data,
-             "horizon": r.pred_len, "ours_mse": r.mse_mean_std[0], "ours_mse_std": r.mse_mean_std[1],
-             "paper_mse": r.paper_mse, "n": r.n}
+             "horizon": r.pred_len, "ours_mse": r.mse_mean_std[0],
+             "ours_mse_std": r.mse_mean_std[1], "paper_mse": r.paper_mse, "n": r.n}
             for r in compared if r.mse]
   title = "Test MSE, ours (mean ± std over seeds) vs paper" + (" - FAST MODE, not the protocol"
                                                               if fast else "")
@@ -919,8 +661,3 @@ def _csv_number(value: float | None) -> str:
   return f"{value:.6g}"
 
 
-def format_date(timestamp: float | None) -> str:
-  """Local time to the minute; "unknown" for None (a run recovered without its time)."""
-  if timestamp is None:
-    return "unknown"
-  return datetime.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M")

@@ -46,8 +46,8 @@ Fast mode (`fast=True`, `--fast`): every run is its config's `runlocal` smoke se
 `<workdir>/fast`; runlocal DiT, LiT and VAR score no samples (`samples_per_class=0`), so their
 rows show no sample scores; the report says it is not the protocol.
 
-The training loop, run states (done / stale / failed / started) and the workdir check are the
-forecasting grid's (`experiments.forecasting_grid`), shared with the classification grid.
+The training loop, run states (done / stale / failed / started) and the workdir check are
+those every grid shares (`experiments.grids`).
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from experiments import forecasting_grid as shared
+from experiments import grids
 from experiments import run_ledger
 
-REPO_ROOT = shared.REPO_ROOT
+REPO_ROOT = grids.REPO_ROOT
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce_generation")
 DEFAULT_REPORT = REPO_ROOT / "experiments" / "results" / "generation.md"
 KINDS = ("classifier", "diffusion", "tokenizer", "next_scale")
@@ -133,7 +133,7 @@ CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   """The entries whose key equals or starts with one of `keys` (all when None), plus the
   entries they need (a VAR's tokenizer), in table order, so a dependency runs first."""
-  chosen = {e.key for e in shared.select_entries(ENTRIES, keys, CPU_KEYS)}
+  chosen = {e.key for e in grids.select_entries(ENTRIES, keys, CPU_KEYS)}
   pending = list(chosen)
   while pending:
     needed = _BY_KEY[pending.pop()].needs
@@ -191,7 +191,7 @@ class GenerationRun:
 
   def today_config(self):
     """The config today's `experiments/configs/<config>.py` builds for this run."""
-    return shared.load_config(self.entry.config, self.config_arg)
+    return grids.load_config(self.entry.config, self.config_arg)
 
   def config(self):
     """The config this run trains (or was trained) with. Raises ValueError, which the shared
@@ -218,8 +218,8 @@ def reference_workdir(data: str) -> pathlib.Path:
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
          fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[GenerationRun]:
   """The runs of `chosen` in order (entry, then seed): one per seed, one for a classifier."""
-  root = shared.check_workdir(workdir) / ("fast" if fast else "protocol")
-  seeds = shared.seeds_list(seeds)
+  root = grids.check_workdir(workdir) / ("fast" if fast else "protocol")
+  seeds = grids.seeds_list(seeds)
   by_key: dict[tuple[str, int | None], GenerationRun] = {}
   result = []
   for entry in chosen:
@@ -241,16 +241,16 @@ def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | 
   return result
 
 
-def run_state(run: GenerationRun) -> shared.RunState:
+def run_state(run: GenerationRun) -> grids.RunState:
   """The shared run states, plus "waiting" for a run whose dependency has not finished."""
-  state = shared.run_state(run)
+  state = grids.run_state(run)
   if state.status == "unsupported" and state.detail.startswith(f"{WAITING}: "):
-    return shared.RunState(WAITING, detail=state.detail.removeprefix(f"{WAITING}: "))
+    return grids.RunState(WAITING, detail=state.detail.removeprefix(f"{WAITING}: "))
   if (run.shared_reference and state.status == "stale"
       and not (run.workdir / "results.json").exists()):
     # Known from the ledger only: the recorded classifier scored the recorded samples, whatever
     # its config (as when its workdir is there); `_reference_note` says that it is gone.
-    return shared.RunState("done", state.results, finished=state.finished)
+    return grids.RunState("done", state.results, finished=state.finished)
   return state
 
 
@@ -260,8 +260,8 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
                    train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, list[Any]]:
   """Trains every unfinished run of the chosen entries (default: the CPU ones) and what they
-  need, writing the report after each; returns the runs by outcome (as
-  `forecasting_grid.run_forecasting`, plus "waiting": runs whose dependency did not finish)."""
+  need, writing the report after each; returns the runs by outcome
+  (`grids.train_runs`, plus "waiting": runs whose dependency did not finish)."""
   chosen = entries(keys if keys is not None else CPU_KEYS)
   ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
   grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
@@ -270,7 +270,7 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
     if report is not None:
       update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
-  outcome = shared.train_runs(
+  outcome = grids.train_runs(
       grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
       describe=lambda run: " ".join(filter(None, [run.entry.key, run.label])),
       summarize=lambda results: _summary(run_metrics(results)))
@@ -282,18 +282,18 @@ def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[i
 
 
 def update_report(chosen: Sequence[Entry] = (), *,
-                  seeds: int | Sequence[int] = shared.REPORT_SEEDS,
+                  seeds: int | Sequence[int] = grids.REPORT_SEEDS,
                   workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
                   report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
   """Records the finished workdirs in the report's ledger and rewrites the whole table (every
-  CPU entry and `chosen`); see `forecasting_grid.update_entry_report`."""
-  return shared.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
+  CPU entry and `chosen`); see `grids.update_entry_report`."""
+  return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
                                     workdir=workdir, fast=fast, report=report)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
                       workdir: str | os.PathLike, fast: bool) -> str:
-  return shared.entries_command("generation", keys, seeds=seeds, workdir=workdir, fast=fast)
+  return grids.entries_command("generation", keys, seeds=seeds, workdir=workdir, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def _number(name: str, value: float) -> str:
 @dataclasses.dataclass
 class RunRecord:
   run: GenerationRun
-  state: shared.RunState
+  state: grids.RunState
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)
   finished: float | None = None  # when results.json was written (None: unknown)
   # (picture name, its copy beside the report), filled by write_report
@@ -383,7 +383,7 @@ class Row:
     return [r.metrics[name] for r in self.done if name in r.metrics]
 
   def mean_std(self, name: str) -> tuple[float, float]:
-    return shared.mean_std(self.values(name))
+    return grids.mean_std(self.values(name))
 
   @property
   def meets_target(self) -> bool | None:
@@ -512,7 +512,7 @@ def _ran(row: Row) -> str:
   done = row.done
   if not done:
     return "-"
-  last = shared.format_date(max((r.finished for r in done if r.finished is not None),
+  last = grids.format_date(max((r.finished for r in done if r.finished is not None),
                                  default=None))
   versions = sorted({str(r.state.results.get("jax_version", "?")) for r in done})
   devices = sorted({str(r.state.results.get("devices", "?")) for r in done})
@@ -526,23 +526,23 @@ def _status_text(row: Row) -> str:
 def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
                  fast: bool = False) -> dict[str, pathlib.Path]:
   """Markdown and CSV (beside it), and the finished runs' pictures copied into
-  `shared.picture_dir(path)`; returns the paths of the two files."""
+  `grids.picture_dir(path)`; returns the paths of the two files."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  pictures = shared.picture_dir(path)
+  pictures = grids.picture_dir(path)
 
   def links(copies: Sequence[tuple[str, pathlib.Path]]) -> str:
-    return shared.picture_links(copies, path.parent)
+    return grids.picture_links(copies, path.parent)
 
   for row in rows:
     for record in row.done:
-      record.pictures = shared.copy_pictures(
+      record.pictures = grids.copy_pictures(
           record.run.workdir, record.run.entry.pictures, pictures,
           entry_key=record.run.entry.key, seed=record.run.seed)
-  machine = shared.machine_description()
+  machine = grids.machine_description()
   finished = [r.finished for row in rows for r in row.done if r.finished is not None]
-  dates = (f"runs finished between {shared.format_date(min(finished))} and "
-           f"{shared.format_date(max(finished))}" if finished else "no run finished yet")
+  dates = (f"runs finished between {grids.format_date(min(finished))} and "
+           f"{grids.format_date(max(finished))}" if finished else "no run finished yet")
   seeds = sorted({r.run.seed for row in rows for r in row.records if r.run.seed is not None})
   lines = ["# Image generation: DiT, LiT and VAR (issue 6)", ""]
   if fast:
@@ -551,7 +551,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
               "test the machinery only; they are NOT the protocol.**", ""]
   lines += [
       f"- Command: `{command}`",
-      f"- Written: {shared.format_date(time.time())}; {dates}",
+      f"- Written: {grids.format_date(time.time())}; {dates}",
       f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
       f"paperzoo commit {machine['commit']}",
       f"- Machine (writing this report): {machine['platform']}; CPU {machine['cpu']}; "
@@ -604,7 +604,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
       lines.append(
           f"- {name}: {_summary(record.metrics)}; {results.get('steps', '?')} steps, "
           f"{seconds:.0f} s (compile + train + eval); finished "
-          f"{shared.format_date(record.finished)}, jax {results.get('jax_version', '?')}, "
+          f"{grids.format_date(record.finished)}, jax {results.get('jax_version', '?')}, "
           f"{results.get('devices', '?')}; pictures {links(record.pictures)}; "
           f"workdir `{run.workdir}`. `{run.command}`")
   lines += ["", f"CSV with the per-seed scores and every command: `{path.with_suffix('.csv').name}`"
@@ -632,7 +632,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
           "target_class_accuracy": "" if row.entry.target is None else row.entry.target,
           "meets_target": "" if met is None or fast else ("yes" if met else "no"),
           "status": _status_text(row),
-          "last_finished": (shared.format_date(max(
+          "last_finished": (grids.format_date(max(
               (r.finished for r in row.done if r.finished is not None), default=None))
                             if row.done else ""),
           "jax_versions": " ".join(sorted({str(r.state.results.get("jax_version", ""))

@@ -51,7 +51,8 @@ forecasting.
 
 The logic lives in `experiments/forecasting_grid.py` (`run_forecasting`, `update_report`,
 `collect`, `write_report`), `experiments/classification_grid.py` (`run_classification`, ...) and
-`experiments/generation_grid.py` (`run_generation`, ...), which a notebook calls directly.
+`experiments/generation_grid.py` (`run_generation`, ...), which a notebook calls directly; what
+they share (run states, the training loop, report pieces) is in `experiments/grids.py`.
 """
 
 from __future__ import annotations
@@ -61,24 +62,26 @@ from absl import flags
 from absl import logging
 
 from experiments import classification_grid
-from experiments import forecasting_grid as grid
+from experiments import forecasting_grid
 from experiments import generation_grid
+from experiments import grids
 
 _MODELS = flags.DEFINE_list(
     "models", None, "Models (config names in experiments/configs); default: every forecasting "
     "config with a paper number or listed as a baseline.")
-_DATASETS = flags.DEFINE_list("datasets", None, f"Data sets; default: {','.join(grid.PROTOCOL)}.")
+_DATASETS = flags.DEFINE_list("datasets", None,
+                              f"Data sets; default: {','.join(forecasting_grid.PROTOCOL)}.")
 _HORIZONS = flags.DEFINE_list("horizons", None, "Only these horizons (of each data set's "
                               "protocol horizons); default: all.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, f"Seeds per cell: {grid.FIRST_SEED}, "
-                              f"{grid.FIRST_SEED + 1}, ...")
+_SEEDS = flags.DEFINE_integer("seeds", 3, f"Seeds per cell: {grids.FIRST_SEED}, "
+                              f"{grids.FIRST_SEED + 1}, ...")
 _SEED_LIST = flags.DEFINE_list("seed_list", None, "Explicit seeds instead of --seeds.")
-_WORKDIR = flags.DEFINE_string("workdir", str(grid.DEFAULT_WORKDIR),
+_WORKDIR = flags.DEFINE_string("workdir", str(forecasting_grid.DEFAULT_WORKDIR),
                                "Root of the runs' workdirs (outside the repository).")
 _REPORT = flags.DEFINE_string(
     "report", None, f"Markdown report (.csv and .png beside it); default "
-    f"{grid.DEFAULT_REPORT.relative_to(grid.REPO_ROOT)}, or <workdir>/fast/forecasting.md "
-    "with --fast.")
+    f"{forecasting_grid.DEFAULT_REPORT.relative_to(grids.REPO_ROOT)}, or "
+    "<workdir>/fast/forecasting.md with --fast.")
 _FAST = flags.DEFINE_bool("fast", False, "Smoke mode: each config's runlocal setting (two "
                           "steps); kept apart from protocol runs and labelled in the report.")
 _RERUN_STALE = flags.DEFINE_bool("rerun_stale", False, "Retrain finished runs whose config has "
@@ -95,7 +98,7 @@ def entry_grid(name: str, seeds) -> None:
   """The classification or generation subcommand: their grid modules share one interface
   (entries by key, DEFAULT_WORKDIR / DEFAULT_REPORT / CPU_KEYS, update_report, run_<name>)."""
   module = {"classification": classification_grid, "generation": generation_grid}[name]
-  workdir = grid.check_workdir(_WORKDIR.value if _WORKDIR.present else module.DEFAULT_WORKDIR)
+  workdir = grids.check_workdir(_WORKDIR.value if _WORKDIR.present else module.DEFAULT_WORKDIR)
   report = _REPORT.value or (workdir / "fast" / f"{name}.md" if _FAST.value
                              else module.DEFAULT_REPORT)
   keys = _ENTRIES.value or list(module.CPU_KEYS)
@@ -122,19 +125,19 @@ def main(argv: list[str]) -> None:
     entry_grid(argv[1], seeds)
     return
   horizons = [int(h) for h in _HORIZONS.value] if _HORIZONS.value else None
-  models = _MODELS.value or grid.default_models()
-  datasets = _DATASETS.value or list(grid.PROTOCOL)
-  workdir = grid.check_workdir(_WORKDIR.value)
+  models = _MODELS.value or forecasting_grid.default_models()
+  datasets = _DATASETS.value or list(forecasting_grid.PROTOCOL)
+  workdir = grids.check_workdir(_WORKDIR.value)
   report = _REPORT.value or (workdir / "fast" / "forecasting.md" if _FAST.value
-                             else grid.DEFAULT_REPORT)
+                             else forecasting_grid.DEFAULT_REPORT)
   if _REPORT_ONLY.value:
-    paths = grid.update_report(models, seeds=seeds, workdir=workdir, fast=_FAST.value,
-                               report=report)
+    paths = forecasting_grid.update_report(models, seeds=seeds, workdir=workdir,
+                                           fast=_FAST.value, report=report)
     print(f"wrote {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
     return
-  outcome = grid.run_forecasting(models, datasets, seeds=seeds, horizons=horizons,
-                                 workdir=workdir, fast=_FAST.value, report=report,
-                                 rerun_stale=_RERUN_STALE.value)
+  outcome = forecasting_grid.run_forecasting(models, datasets, seeds=seeds, horizons=horizons,
+                                             workdir=workdir, fast=_FAST.value, report=report,
+                                             rerun_stale=_RERUN_STALE.value)
   print("; ".join(f"{k}: {len(v)}" for k, v in outcome.items()) + f". Report: {report}")
   if outcome["failed"] or outcome["preempted"]:
     raise SystemExit(1)

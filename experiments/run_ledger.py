@@ -14,7 +14,7 @@ run's key (its workdir below the grid's root, e.g. `protocol/mnist/swin/seed2021
 - `recovered` (only some records): where the record was rebuilt from when its workdir was lost
   before the ledger existed; such a record holds only the scores that source had.
 
-The grids read a run's workdir first and its ledger record second (`forecasting_grid.run_state`),
+The grids read a run's workdir first and its ledger record second (`grids.run_state`),
 and add every finished workdir to the ledger when they write their report (`Ledger.sync`).
 """
 

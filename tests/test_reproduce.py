@@ -15,6 +15,7 @@ from flax import nnx
 
 import paperzoo
 from experiments import forecasting_grid as grid
+from experiments import grids
 from paperzoo.registry import MODELS, TASKS
 from tests.conftest import REPO_ROOT
 
@@ -53,7 +54,7 @@ def test_protocol_grid_and_seeds():
   assert grid.PROTOCOL["illness"] == (36, (24, 36, 48, 60))
   for data in ("etth1", "etth2", "exchange"):
     assert grid.PROTOCOL[data] == (96, (96, 192, 336, 720))
-  assert grid.seeds_list(3) == [2021, 2022, 2023]
+  assert grids.seeds_list(3) == [2021, 2022, 2023]
   runs = grid.runs(["dlinear"], ["etth1", "illness"], seeds=2, workdir="/tmp/x")
   assert len(runs) == 2 * 4 * 2
   ili = [r for r in runs if r.data == "illness"]
@@ -101,7 +102,7 @@ def test_every_grid_cell_builds_its_config_or_says_why_not(model):
 def test_models_forecast_at_ili_lookback_36(model):
   """The models' shapes at L=36 (PatchTST's patching, Autoformer's 18-step decoder context...),
   on real ILI windows; eager, so no compilation (training is the config tests' job)."""
-  config = grid.load_config(model, "data=illness,seq_len=36,pred_len=60,runlocal")
+  config = grids.load_config(model, "data=illness,seq_len=36,pred_len=60,runlocal")
   task = TASKS.get(config.task.name)(config)
   net = MODELS.get(config.model.name)(config.model, **task.model_kwargs(),
                                       rngs=nnx.Rngs(params=0))
@@ -148,7 +149,7 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path):
   # A half-finished run (checkpoints, no results.json) is resumed, the finished one skipped.
   second = outcome["skipped"][1]
   (second.workdir / "results.json").unlink()
-  assert grid.run_state(second).status == "started"
+  assert grids.run_state(second).status == "started"
   outcome = grid.run_forecasting(train_fn=counting_train_fn(calls), **kwargs)
   assert calls == [second.workdir]
   assert json.loads((second.workdir / "results.json").read_text())["test"] == results[1]["test"]
@@ -177,7 +178,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path):
                                  workdir=tmp_path, fast=True, train_fn=failing,
                                  log=lambda _: None)
   assert len(outcome["failed"]) == 2
-  state = grid.run_state(outcome["failed"][0])
+  state = grids.run_state(outcome["failed"][0])
   assert state.status == "failed" and "boom at seed 2021" in state.detail
   rows = grid.collect(["dlinear"], ["etth1"], seeds=1, workdir=tmp_path, fast=True)
   assert "failed" in rows[0].notes[0]
@@ -245,7 +246,7 @@ def test_a_changed_config_makes_finished_runs_stale(tmp_path):
   old = run.config()
   old.optimizer.learning_rate = 0.123
   fake_finished(run, 0.5, 0.5, config=old)
-  state = grid.run_state(run)
+  state = grids.run_state(run)
   assert state.status == "stale" and "optimizer.learning_rate" in state.detail
   row = grid.collect(["dlinear"], ["etth1"], seeds=1, workdir=tmp_path, fast=True)[0]
   assert row.n == 0 and "stale" in row.notes[0]  # never averaged in

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import classification_grid
 from experiments import forecasting_grid as grid
+from experiments import grids
 from experiments import generation_grid
 from experiments import run_ledger
 from tests.test_reproduce import fake_finished
@@ -31,7 +32,7 @@ def never_train(config, workdir):
 
 
 def test_config_digest_ignores_what_changes_nothing():
-  config = grid.load_config("dlinear", "data=etth1,pred_len=96")
+  config = grids.load_config("dlinear", "data=etth1,pred_len=96")
   base = run_ledger.config_dict(config)
   config.train.progress_bar = not config.train.progress_bar
   assert run_ledger.config_digest(run_ledger.config_dict(config)) == run_ledger.config_digest(base)
@@ -77,7 +78,7 @@ def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_i
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
                      ledger=ledger)
-  state = grid.run_state(run)
+  state = grids.run_state(run)
   assert state.status == "stale" and "forecasting_runs.jsonl" in state.detail
 
   def train(config, run_workdir):

@@ -49,6 +49,7 @@ import paperzoo
 from experiments.benchmarks import machine
 from experiments.benchmarks import torch_reference
 from experiments import forecasting_grid
+from experiments import grids
 from paperzoo import trainer
 from paperzoo.registry import MODELS, TASKS
 
@@ -126,7 +127,7 @@ def torch_baseline(name: str) -> dict[str, dict] | None:
 
 def etth1_config(name: str):
   """The model's protocol config at the ETTh1 settings (lookback 96, horizon 96)."""
-  return forecasting_grid.load_config(name, "data=etth1,pred_len=96")
+  return grids.load_config(name, "data=etth1,pred_len=96")
 
 
 def run_once(name: str) -> dict:
