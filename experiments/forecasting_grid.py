@@ -14,7 +14,8 @@ in its own workdir `<root>/protocol/<model>/<data>_<L>_<H>/seed<seed>` (`<root>/
 fast mode, so the two never mix). A run whose workdir holds `results.json` is finished and
 skipped; a half-finished one resumes from its checkpoint (the trainer does that). A finished run
 whose saved config differs from today's config (a hyper-parameter changed since) is "stale": it
-is left out of the table and retrained only with `rerun_stale=True`.
+is left out of the table and retrained only with `rerun_stale=True` (the run states and the
+training loop live in `experiments.grids`, shared by every grid).
 
 The protocol (FORECASTING_PROTOCOL.md): ETTh1, ETTh2, Exchange with lookback 96 and horizons
 96/192/336/720; ILI with lookback 36 and horizons 24/36/48/60; seeds 2021, 2022, ...; each
