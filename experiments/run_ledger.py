@@ -44,10 +44,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+# Config keys added after runs were recorded, with the default that does what those runs did: a
+# saved config without the key equals today's config at this default (and only at it).
+ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": ""}
+
+
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
   """The flattened config without the keys that change nothing."""
   ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
-  return {k: v for k, v in _flatten(config).items() if not ignored(k)}
+  return {k: v for k, v in _flatten(config).items()
+          if not ignored(k) and not (k in ADDED_CONFIG_DEFAULTS and v == ADDED_CONFIG_DEFAULTS[k])}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -89,6 +89,11 @@ def base_config() -> ConfigDict:
   # Early stopping: stop after this many evaluations without a better validation metric
   # (0 disables). The metric and its direction come from the task.
   config.train.patience = 3
+  # Ties in the validation metric: "" keeps the earlier checkpoint (Time-Series-Library's early
+  # stopping, a strict improvement); "loss": an evaluation with an equal metric and a lower
+  # validation loss counts as an improvement (best checkpoint, patience), which matters where a
+  # tiny validation set makes accuracy ties common (UEA).
+  config.train.selection_tie_break = ""
   # Split each batch into this many micro-batches and sum their gradients before one update
   # (same result as the full batch, less memory).
   config.train.grad_accum_steps = 1

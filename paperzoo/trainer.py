@@ -85,6 +85,10 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     raise ValueError(f"train.batch_size={batch_size} is larger than the training set "
                      f"({len(train_set)} examples)")
   total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * steps_per_epoch
+  tie_break = config.train.selection_tie_break
+  if tie_break not in ("", "loss"):
+    raise ValueError(f"train.selection_tie_break={tie_break!r}; valid: '' (ties keep the "
+                     "earlier checkpoint) or 'loss'")
   eval_every = int(config.train.eval_every_steps) or steps_per_epoch
   data_order = DataOrder(config.seed, len(train_set), batch_size, steps_per_epoch)
 
@@ -211,10 +215,8 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
           with stopwatch("eval"):
             val = evaluate(state, "val")
           writer.write(step, "val", val)
+          better = _improves(val, record, task, tie_break)
           metric = val[task.selection_metric]
-          better = record["best_metric"] is None or (
-              metric < record["best_metric"] if task.selection_mode == "min"
-              else metric > record["best_metric"])
           if better:
             record.update(best_metric=metric, best_step=step, evals_without_improvement=0,
                           best_val=val)
@@ -287,6 +289,25 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
                       selection_metric=task.selection_metric)
     task.write_pictures(predict, workdir)
   return results
+
+
+def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_break: str
+              ) -> bool:
+  """Whether validation metrics `val` beat the best so far (`record`): a better selection
+  metric, or with `tie_break` "loss" an equal one and a lower validation loss."""
+  best = record["best_metric"]
+  metric = val[task.selection_metric]
+  if best is None:
+    return True
+  if metric != best:
+    return metric < best if task.selection_mode == "min" else metric > best
+  if not tie_break:
+    return False
+  if "loss" not in val:
+    raise ValueError(f"train.selection_tie_break='loss', but the {type(task).__name__} "
+                     f"reports no validation loss (it reports {', '.join(val)})")
+  best_loss = (record.get("best_val") or {}).get("loss")  # (records of older runs lack it)
+  return best_loss is not None and val["loss"] < best_loss
 
 
 def evaluate_sums(dataset: Any, eval_fn: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],

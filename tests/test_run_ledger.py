@@ -42,6 +42,19 @@ def test_config_digest_ignores_what_changes_nothing():
   assert run_ledger.config_digest(changed) != run_ledger.config_digest(base)
 
 
+def test_a_key_added_later_at_its_default_leaves_older_runs_fresh():
+  config = grids.load_config("dlinear", "data=etth1,pred_len=96")
+  today = run_ledger.config_dict(config)
+  older = run_ledger.config_dict(config)
+  del older["train"]["selection_tie_break"]  # recorded before the key existed
+  assert run_ledger.config_differences(older, today) == []
+  assert run_ledger.config_digest(older) == run_ledger.config_digest(today)
+  config.train.selection_tie_break = "loss"
+  changed = run_ledger.config_dict(config)
+  assert run_ledger.config_differences(older, changed) == ["train.selection_tie_break"]
+  assert run_ledger.config_digest(changed) != run_ledger.config_digest(older)
+
+
 def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path):
   workdir, report = tmp_path / "runs", tmp_path / "results" / "forecasting.md"
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir)

@@ -12,7 +12,7 @@ from paperzoo import metric_writers
 from paperzoo import sharding
 from paperzoo.generation import metrics
 from paperzoo import trainer
-from experiments.configs import dlinear, quickstart
+from experiments.configs import dlinear, quickstart, uea
 
 
 def train_losses(workdir) -> list[float]:
@@ -120,6 +120,58 @@ def test_early_stopping_selects_on_validation_and_tests_the_best(tmp_path):
   assert results["stopped_early"] and results["steps"] < 40
   # Patience 2: training stopped two evaluations after the best one.
   assert val[-1]["step"] == best["step"] + 2 * 2
+
+
+class _Accuracy:
+  selection_metric, selection_mode = "accuracy", "max"
+
+
+class _MSE:
+  selection_metric, selection_mode = "mse", "min"
+
+
+def _record(metric, loss=None):
+  return {"best_metric": metric, "best_val": None if loss is None else {"loss": loss}}
+
+
+def test_improvement_and_the_loss_tie_break():
+  improves = trainer._improves  # pylint: disable=protected-access
+  assert improves({"accuracy": 0.5, "loss": 9.0}, _record(None), _Accuracy(), "")
+  assert improves({"accuracy": 0.6, "loss": 9.0}, _record(0.5, 1.0), _Accuracy(), "")
+  assert not improves({"accuracy": 0.4, "loss": 0.1}, _record(0.5, 1.0), _Accuracy(), "loss")
+  assert improves({"mse": 0.4}, _record(0.5), _MSE(), "")
+  assert not improves({"mse": 0.6}, _record(0.5), _MSE(), "")
+  # A tie keeps the earlier checkpoint, unless the tie-break finds a lower validation loss.
+  assert not improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5, 1.0), _Accuracy(), "")
+  assert improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5, 1.0), _Accuracy(), "loss")
+  assert not improves({"accuracy": 0.5, "loss": 1.0}, _record(0.5, 1.0), _Accuracy(), "loss")
+  assert not improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5), _Accuracy(), "loss")
+  with pytest.raises(ValueError, match="reports no validation loss"):
+    improves({"mse": 0.5}, _record(0.5), _MSE(), "loss")
+
+
+@pytest.mark.parametrize("tie_break", ["", "loss"])
+def test_selection_tie_break_picks_the_checkpoint_and_counts_patience(tmp_path, tie_break):
+  """BasicMotions' validation set is 8 series, so its accuracy ties between evaluations."""
+  config = uea.get_config("subset=BasicMotions,model=itransformer,seed=2023")
+  config.train.update(num_steps=24, eval_every_steps=2, patience=3, plots=False,
+                      progress_bar=False, selection_tie_break=tie_break)
+  results = paperzoo.train_and_evaluate(config, tmp_path)
+  val = [r for r in metric_writers.read_metrics(tmp_path) if r["split"] == "val"]
+  top = max(r["accuracy"] for r in val)
+  tied = [r for r in val if r["accuracy"] == top]
+  assert len(tied) > 1  # the case the tie-break is for
+  # Without it the first evaluation at the top accuracy is kept, with it the lowest loss there
+  # (the earliest of equal losses); patience counts from that evaluation.
+  best = min(tied, key=lambda r: r["loss"]) if tie_break else tied[0]
+  assert results["best_step"] == best["step"]
+  assert val[-1]["step"] in (best["step"] + 3 * 2, 24)  # patience 3 evaluations, or the end
+
+
+def test_an_unknown_selection_tie_break_is_refused(tmp_path):
+  config = tiny_dlinear(selection_tie_break="accuracy")
+  with pytest.raises(ValueError, match="selection_tie_break='accuracy'; valid"):
+    paperzoo.train_and_evaluate(config, tmp_path)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
