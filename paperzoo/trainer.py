@@ -295,6 +295,9 @@ def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_brea
               ) -> bool:
   """Whether validation metrics `val` beat the best so far (`record`): a better selection
   metric, or with `tie_break` "loss" an equal one and a lower validation loss."""
+  if tie_break and "loss" not in val:  # (checked at the first evaluation, not at a late tie)
+    raise ValueError(f"train.selection_tie_break='loss', but the {type(task).__name__} "
+                     f"reports no validation loss (it reports {', '.join(val)})")
   best = record["best_metric"]
   metric = val[task.selection_metric]
   if best is None:
@@ -303,9 +306,6 @@ def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_brea
     return metric < best if task.selection_mode == "min" else metric > best
   if not tie_break:
     return False
-  if "loss" not in val:
-    raise ValueError(f"train.selection_tie_break='loss', but the {type(task).__name__} "
-                     f"reports no validation loss (it reports {', '.join(val)})")
   best_loss = (record.get("best_val") or {}).get("loss")  # (records of older runs lack it)
   return best_loss is not None and val["loss"] < best_loss
 

@@ -147,7 +147,7 @@ def test_improvement_and_the_loss_tie_break():
   assert not improves({"accuracy": 0.5, "loss": 1.0}, _record(0.5, 1.0), _Accuracy(), "loss")
   assert not improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5), _Accuracy(), "loss")
   with pytest.raises(ValueError, match="reports no validation loss"):
-    improves({"mse": 0.5}, _record(0.5), _MSE(), "loss")
+    improves({"mse": 0.5}, _record(None), _MSE(), "loss")  # at the first evaluation
 
 
 @pytest.mark.parametrize("tie_break", ["", "loss"])
