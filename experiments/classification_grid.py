@@ -159,7 +159,7 @@ def update_report(chosen: Sequence[Entry] = (), *,
   """Records the finished workdirs in the report's ledger and rewrites the whole table (every
   CPU entry and `chosen`); see `grids.update_entry_report`."""
   return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
-                                    workdir=workdir, fast=fast, report=report)
+                                   workdir=workdir, fast=fast, report=report)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
@@ -225,7 +225,7 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
   for row in rows:
     for run in row.done_runs:
       row.pictures = grids.copy_pictures(run.workdir, PICTURES, grids.picture_dir(path),
-                                          entry_key=run.entry.key, seed=run.seed)
+                                         entry_key=run.entry.key, seed=run.seed)
       if row.pictures:
         break
   machine = grids.machine_description()

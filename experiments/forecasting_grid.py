@@ -266,11 +266,11 @@ def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str]
     if report is not None:
       update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report)
 
-  return grids.train_runs(grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale,
-                    log=log, describe=lambda run: f"{run.model} {run.data} {run.seq_len}->"
-                                                  f"{run.pred_len} seed {run.seed}",
-                    summarize=lambda results: f"test mse={results['test']['mse']:.4f} "
-                                              f"mae={results['test']['mae']:.4f}")
+  return grids.train_runs(
+      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
+      describe=lambda run: f"{run.model} {run.data} {run.seq_len}->{run.pred_len} seed {run.seed}",
+      summarize=lambda results: (f"test mse={results['test']['mse']:.4f} "
+                                 f"mae={results['test']['mae']:.4f}"))
 
 
 def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = grids.REPORT_SEEDS,

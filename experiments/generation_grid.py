@@ -288,7 +288,7 @@ def update_report(chosen: Sequence[Entry] = (), *,
   """Records the finished workdirs in the report's ledger and rewrites the whole table (every
   CPU entry and `chosen`); see `grids.update_entry_report`."""
   return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
-                                    workdir=workdir, fast=fast, report=report)
+                                   workdir=workdir, fast=fast, report=report)
 
 
 def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
@@ -513,7 +513,7 @@ def _ran(row: Row) -> str:
   if not done:
     return "-"
   last = grids.format_date(max((r.finished for r in done if r.finished is not None),
-                                 default=None))
+                               default=None))
   versions = sorted({str(r.state.results.get("jax_version", "?")) for r in done})
   devices = sorted({str(r.state.results.get("devices", "?")) for r in done})
   return f"{last}; jax {', '.join(versions)}; {', '.join(devices)}"
