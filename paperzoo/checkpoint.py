@@ -27,10 +27,17 @@ class Checkpoints:
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int):
     workdir = pathlib.Path(workdir).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True)
-    self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options)
-    self.best = ocp.CheckpointManager(
-        workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    # On several processes orbax synchronizes each save at barriers named by the step, so the
+    # two managers, which often save the same step at once, need barrier names of their own.
+    def options(name: str, max_to_keep: int) -> ocp.CheckpointManagerOptions:
+      return ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=name))
+
+    self.latest = ocp.CheckpointManager(workdir / "checkpoints",
+                                        options=options("checkpoints", max(int(keep), 1)))
+    self.best = ocp.CheckpointManager(workdir / "best", options=options("best", 1))
 
   def save(self, step: int, state: Any, record: dict[str, Any], *, best: bool = False) -> None:
     """Saves asynchronously: arrays are copied off the devices before this returns."""

@@ -18,9 +18,18 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-  """Writes metric records to `metrics.jsonl` and TensorBoard under `<workdir>/tensorboard`."""
+  """Writes metric records to `metrics.jsonl` and TensorBoard under `<workdir>/tensorboard`.
 
-  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int | None = None):
+  With `enabled=False` (every process of a multi-process run but the first) it writes nothing
+  and only keeps `last_train_loss`.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int | None = None,
+               enabled: bool = True):
+    self.enabled = enabled
+    self.last_train_loss = float("nan")
+    if not enabled:
+      return
     workdir = pathlib.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     if resume_step is not None and self.path.exists():
@@ -31,19 +40,22 @@ class MetricWriter:
       self.path.unlink()
     self._file = open(self.path, "a")
     self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
-    self.last_train_loss = float("nan")
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    if split == "train" and "loss" in metrics:
+      self.last_train_loss = float(metrics["loss"])
+    if not self.enabled:
+      return
     record = {"step": int(step), "split": split}
     record.update({k: _to_json_number(v) for k, v in metrics.items()})
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    if split == "train" and "loss" in metrics:
-      self.last_train_loss = float(metrics["loss"])
     for name, value in metrics.items():
       self._tensorboard.add_scalar(f"{split}/{name}", float(value), int(step))
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._file.close()
     self._tensorboard.close()
 

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from paperzoo import sharding  # noqa: E402
+
 
 def loss_curves(records: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
                 selection_metric: str) -> pathlib.Path:
@@ -30,7 +32,7 @@ def loss_curves(records: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def forecast_windows(history: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
@@ -55,7 +57,7 @@ def forecast_windows(history: np.ndarray, truth: np.ndarray, prediction: np.ndar
   axes[0, 0].set_title(title or channel_name)
   axes[-1, 0].set_xlabel(f"time step ({channel_name}, normalized)")
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def paper_comparison(points: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
@@ -108,7 +110,7 @@ def paper_comparison(points: Sequence[dict[str, Any]], path: str | pathlib.Path,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path,
@@ -136,7 +138,7 @@ def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str |
   ax.set_title(f"{title}\naccuracy {accuracy:.4f} ({int(counts.sum())} examples)".strip(),
                fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def image_grid(images: np.ndarray, titles: Sequence[str], path: str | pathlib.Path, *,
@@ -156,12 +158,14 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | pathlib.Pa
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | pathlib.Path) -> pathlib.Path:
+def save_figure(fig: Any, path: str | pathlib.Path) -> pathlib.Path:
+  """Saves a matplotlib figure as `path` (its folder created) and closes it."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
+  if sharding.is_primary_process():  # the other processes of a multi-process run draw alike
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
   plt.close(fig)
   return path

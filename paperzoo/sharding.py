@@ -116,10 +116,22 @@ def batch_shards(sharding: NamedSharding | None) -> int:
   return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
+def is_primary_process() -> bool:
+  """Whether this process writes the run's files (config, metrics, results, pictures): the
+  only process, or the first of a multi-process run. Every process still computes, since a
+  computation on the mesh needs all of them."""
+  return jax.process_index() == 0
+
+
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Places a host batch on the mesh. On several hosts each passes its local part."""
+  """Places a global batch on the mesh.
+
+  Every process passes the same whole batch (the trainer's data order is a pure function of
+  the seed and the step), and each transfers only the rows its own devices hold.
+  """
   if jax.process_count() == 1:
     # One batched transfer for all arrays: several times cheaper per step than one call per
     # array, which matters for small models whose steps take a few milliseconds.
     return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch)

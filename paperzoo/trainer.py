@@ -36,6 +36,8 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from paperzoo import checkpoint as checkpoint_lib
 from paperzoo import metric_writers
@@ -43,6 +45,7 @@ from paperzoo import optim
 from paperzoo import plots
 from paperzoo import sharding
 from paperzoo.data import batches
+from paperzoo.data import files
 from paperzoo.registry import DATASETS, MODELS, TASKS
 
 
@@ -72,7 +75,10 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   model_cls = MODELS.get(config.model.name)
   DATASETS.get(config.data.name)
   _check_workdir_config(config, workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  primary = sharding.is_primary_process()  # the one process of several that writes files
+  if primary:  # (atomically: another process may be reading it in _check_workdir_config)
+    files.atomic_write(workdir / "config.json",
+                       lambda tmp: tmp.write_text(config.to_json_best_effort(indent=2)))
 
   # ------------------------------------------------------------------------------------------
   # 2. Data.
@@ -155,7 +161,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   # 6. Loop.
   # ------------------------------------------------------------------------------------------
-  writer = metric_writers.MetricWriter(workdir, resume_step=resume_step)
+  writer = metric_writers.MetricWriter(workdir, resume_step=resume_step, enabled=primary)
   closing.callback(writer.close)
   start_step = int(jax.device_get(state["step"]))
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # train metrics not yet on the host
@@ -183,16 +189,21 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       record["seconds"] = dict(stopwatch.seconds)
       checkpoints.save(int(jax.device_get(state["step"])), state, dict(record), best=best)
 
+  # Preemption: SIGTERM sets a flag that the loop reads after each step. Processes of a
+  # multi-process run must stop at the same step, so there jax's preemption service (which
+  # catches SIGTERM itself, on whichever process gets it) chooses that step instead.
   preempted = False
+  multi_process = jax.process_count() > 1
 
   def on_sigterm(signum, frame):
     nonlocal preempted
     preempted = True
 
   bar = metric_writers.progress_bar(total=total_steps, initial=start_step,
-                                    enabled=config.train.progress_bar)
+                                    enabled=config.train.progress_bar and primary)
   try:
-    with _signal_handler(signal.SIGTERM, on_sigterm):
+    with (contextlib.nullcontext() if multi_process
+          else _signal_handler(signal.SIGTERM, on_sigterm)):
       step = start_step
       compiled = False
       while step < total_steps and not record["training_done"]:
@@ -235,6 +246,8 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
         elif (config.train.checkpoint_every_steps
               and step % config.train.checkpoint_every_steps == 0):
           save(state)
+        if multi_process:
+          preempted = multihost_utils.reached_preemption_sync_point(step)
         if preempted:
           save(state)
           checkpoints.wait()
@@ -256,6 +269,9 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       "val": best_record.get("best_val") or evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
       "best_step": best_record["best_step"],
+      # The split that chose the best checkpoint: "validation", unless a task says otherwise
+      # (UEA's legacy protocol selects on TEST and reports "test (legacy)").
+      "selection": getattr(task, "selection", "validation"),
       "steps": int(jax.device_get(state["step"])),
       "steps_per_epoch": steps_per_epoch,
       "stopped_early": int(jax.device_get(state["step"])) < total_steps,
@@ -271,8 +287,9 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "mesh": dict(mesh.shape),
   }
+  # Outputs replicated: every process of a multi-process run can then read them on the host.
   predict_fn = jax.jit(lambda params, extra, inputs: step_def.merge(params, extra)(
-      inputs, train=False, rngs=None))
+      inputs, train=False, rngs=None), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def predict(inputs):  # the best checkpoint's model, for the task's final scores and pictures
     return predict_fn(best_state[eval_params_key], best_state["extra"], inputs)
@@ -280,13 +297,15 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   if hasattr(task, "final_metrics"):  # optional: scores that need the model, e.g. of samples
     results["final_metrics"] = task.final_metrics(predict, workdir)
   writer.write(results["best_step"], "test", results["test"])
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   _report(f"test (best checkpoint, step {results['best_step']}): "
           + " ".join(f"{k}={v:.4f}" for k, v in results["test"].items()))
 
   if config.train.plots:
-    plots.loss_curves(metric_writers.read_metrics(workdir), workdir / "loss_curves.png",
-                      selection_metric=task.selection_metric)
+    if primary:
+      plots.loss_curves(metric_writers.read_metrics(workdir), workdir / "loss_curves.png",
+                        selection_metric=task.selection_metric)
     task.write_pictures(predict, workdir)
   return results
 
@@ -509,5 +528,7 @@ def _signal_handler(signum: int, handler: Callable[..., None]):
 
 
 def _report(message: str) -> None:
+  if not sharding.is_primary_process():  # one log for a multi-process run
+    return
   tqdm.tqdm.write(message, file=sys.stdout)
   sys.stdout.flush()

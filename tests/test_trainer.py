@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -166,6 +168,18 @@ def test_selection_tie_break_picks_the_checkpoint_and_counts_patience(tmp_path, 
   best = min(tied, key=lambda r: r["loss"]) if tie_break else tied[0]
   assert results["best_step"] == best["step"]
   assert val[-1]["step"] in (best["step"] + 3 * 2, 24)  # patience 3 evaluations, or the end
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_results_name_the_split_that_selected_the_checkpoint(tmp_path, legacy):
+  config = uea.get_config(f"subset=BasicMotions,model=itransformer,legacy_test_selection={legacy}")
+  config.train.update(num_steps=2, plots=False, progress_bar=False)
+  results = paperzoo.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert results["selection"] == saved["selection"] == ("test (legacy)" if legacy
+                                                        else "validation")
+  if legacy:  # its "validation" scores are the test scores
+    assert results["val"]["accuracy"] == results["test"]["accuracy"]
 
 
 def test_an_unknown_selection_tie_break_is_refused(tmp_path):

@@ -101,7 +101,7 @@ def image_classification_recipe(config: ConfigDict, data: str, *, epochs: int) -
   """The small-data recipe every image backbone here trains with (CIFAR-10 from scratch):
   AdamW, learning rate 1e-3, 5 warmup epochs then cosine decay, weight decay 0.05, batch 128,
   gradient clipping at 1, random crop (padding 4) + flip and label smoothing 0.1 on CIFAR-10;
-  on MNIST (7,200 training digits) random crop with padding 2 and no flip (digits are not
+  on MNIST (7,201 training digits) random crop with padding 2 and no flip (digits are not
   mirror-symmetric), 100 warmup steps: without the crop a tiny ViT stays near 91% there."""
   if data not in ("cifar10", "mnist"):
     raise ValueError(f"image backbones train on cifar10 or mnist, got data={data!r}")

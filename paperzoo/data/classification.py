@@ -27,8 +27,9 @@ Config keys (`config.data`), by data set:
                 pixels as tokens (LRA's Image task: a sequence of 1,024 intensities, vocab 256);
                 resolution (32; a divisor of 32 averages blocks of pixels, 16 -> 256 tokens)
   cifar10       val_fraction (0.1: 5,000)
-  mnist         val_fraction (0.1: 800 of the 8,000 training images; the project's MNIST is the
-                10,000 test images split 8,000 train / 2,000 test, see paperzoo.data.images)
+  mnist         val_fraction (0.1: 799 of the 8,000 training images, 10% of each class rounded;
+                the project's MNIST is the 10,000 test images split 8,000 train / 2,000
+                test, see paperzoo.data.images)
   uea           subset (e.g. "BasicMotions"), val_fraction (0.2), legacy_test_selection (False)
 """
 

@@ -165,8 +165,8 @@ class Downsample(nnx.Module):
 
 
 class Stage(nnx.Module):
-  """`depth` MetaFormer blocks at one width and grid; layer indices count from `first_index`
-  so that Swin's shifted windows alternate within the stage."""
+  """`depth` MetaFormer blocks at one width and grid; layer indices count from 0 in each
+  stage, so Swin's shifted windows alternate within it (odd blocks shift)."""
 
   def __init__(self, d_model: int, depth: int, config: Any, *, mixer: str,
                drop_path: Sequence[float], rngs: nnx.Rngs):

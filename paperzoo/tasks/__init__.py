@@ -19,6 +19,8 @@ Optional:
                                    evaluation sums (e.g. of generated samples); called once
                                    after the final test with the best checkpoint's `predict`,
                                    stored as results["final_metrics"] in results.json
+  selection: str                   the split that selects the best checkpoint, as reported
+                                   in results.json ("validation" when absent)
 
 Everything is jit-compiled by the trainer, so `loss` and `eval_sums` must be traceable.
 """

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo import sharding
 from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.registry import DATASETS, TASKS
@@ -63,6 +64,7 @@ class ClassificationTask:
       raise ValueError(f"task.crop_padding / flip / mixup_alpha augment images; data set "
                        f"{name!r} has {self.data.kind} inputs")
     self.splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
+    self.selection = self.data.selection  # "test (legacy)" for UEA's legacy protocol
 
   def model_kwargs(self) -> dict[str, Any]:
     return dict(num_classes=self.data.num_classes, input_shape=self.data.input_shape,
@@ -156,6 +158,7 @@ class ClassificationTask:
                + " ".join(listops.VOCAB[t] for t in test.arrays["inputs"][i] if t)
                for i in shown]
       path = workdir / "examples.txt"
-      path.write_text("\n".join(lines) + "\n")
+      if sharding.is_primary_process():
+        path.write_text("\n".join(lines) + "\n")
       paths.append(path)
     return paths

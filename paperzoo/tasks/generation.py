@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo import sharding
 from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.generation import diffusion
@@ -351,7 +352,8 @@ class DiffusionTask:
     samples = self.generate(predict, labels)
     sampling_seconds = time.perf_counter() - start
     self._samples = (samples, labels)
-    np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
+    if sharding.is_primary_process():
+      np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
     classifier = metrics.reference_classifier(self.data.name)
     scores = metrics.sample_scores(samples, labels, self.data.test.arrays["inputs"], classifier,
                                    inception_weights=self.inception_weights)

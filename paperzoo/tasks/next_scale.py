@@ -72,6 +72,7 @@ import optax
 from flax import nnx
 
 from paperzoo import plots
+from paperzoo import sharding
 from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.data import files
@@ -392,7 +393,8 @@ class NextScaleTask:
     sampling_seconds = time.perf_counter() - start
     unguided, _ = self.generate(model, labels, guidance_scale=0.0, sampler=sampler)
     self._samples = (samples, labels, token_maps)
-    np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
+    if sharding.is_primary_process():
+      np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
     classifier = metrics.reference_classifier(self.data.name)
     real = self.data.test.arrays["inputs"]
     # The real images' Inception features are computed once and reused for the unguided FID.

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paperzoo import plots
+from paperzoo import sharding
 from paperzoo.data import batches
 from paperzoo.registry import DATASETS, TASKS
 
@@ -206,7 +207,8 @@ class TokenizerTask:
     size = usage["codebook_size"]
     total = np.asarray(usage["counts"])
     json_path = workdir / "code_usage.json"
-    json_path.write_text(json.dumps(summary, indent=1))
+    if sharding.is_primary_process():
+      json_path.write_text(json.dumps(summary, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     order = np.argsort(-total)
     axes[0].bar(np.arange(size), total[order], width=1.0, color="tab:blue")
@@ -220,7 +222,4 @@ class TokenizerTask:
     axes[1].set_ylabel("fraction of codes used")
     axes[1].set_ylim(0, 1)
     fig.tight_layout()
-    png_path = workdir / "code_usage.png"
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return [png_path, json_path]
+    return [plots.save_figure(fig, workdir / "code_usage.png"), json_path]
