@@ -184,6 +184,11 @@ def test_straight_through_gradient_is_the_identity_and_vq_loss_its_formula():
   np.testing.assert_allclose(grad, weights, atol=1e-6)  # gradient: identity
   # Codebook and commitment terms have the same value, the mean partial error over scales.
   np.testing.assert_allclose(out["vq_loss"], 1.25 * np.mean(out["partial_errors"]), rtol=1e-5)
+  # Per image: the same terms, each image's latent error alone.
+  for i in range(2):
+    np.testing.assert_allclose(out["vq_loss_per_example"][i],
+                               quantize(quantizer, f[i:i + 1])["vq_loss"], rtol=1e-5)
+  np.testing.assert_allclose(np.mean(out["vq_loss_per_example"]), out["vq_loss"], rtol=1e-6)
 
 
 def test_tokens_decode_to_the_forward_reconstruction_and_give_the_transformer_inputs():
@@ -289,3 +294,10 @@ def test_the_trainer_carries_the_codebook_statistics_and_the_loss_decreases(tmp_
   assert int(quantizer.training_steps[...]) == 8
   assert not np.allclose(quantizer.codebook(), initial.quantizer.codebook())
   assert np.any(np.asarray(quantizer.steps_unused[...]) < vt.NEVER_USED)
+  # Evaluation sums leave a padded last batch's padding rows out, the VQ loss included.
+  padded = dict(task.splits["val"].get_batch(np.array([0, 1, 2, 2])),
+                mask=np.array([1.0, 1.0, 1.0, 0.0], np.float32))
+  real = dict(task.splits["val"].get_batch(np.arange(3)), mask=np.ones(3, np.float32))
+  with_padding, without = task.eval_sums(model, padded), task.eval_sums(model, real)
+  for name in without:
+    np.testing.assert_allclose(with_padding[name], without[name], rtol=1e-5, err_msg=name)

@@ -104,8 +104,8 @@ Config keys (`config.model`):
   upsample             (str, "bicubic") "bicubic" | "bilinear" | "nearest"
 
 Input: {"inputs": float [B, H, W, C] in [-1, 1]}. Output of `model(batch, train=..., rngs=...)`:
-{"reconstruction" [B, H, W, C], "vq_loss", "latent_mse" (|f_hat - f|^2), "codebook_usage",
-"indices" (list of [B, s_k, s_k])}. The quantizer's own output adds "f_hat", "f_hat_st",
+{"reconstruction" [B, H, W, C], "vq_loss", "vq_loss_per_example" [B] (its terms per image),
+"latent_mse" (|f_hat - f|^2), "codebook_usage", "indices" (list of [B, s_k, s_k])}. The quantizer's own output adds "f_hat", "f_hat_st",
 "codebook_loss", "commitment_loss", "partial_errors" (|f_hat_k - f|^2 per scale) and
 "lookup_inputs" (the z_k).
 """
@@ -352,7 +352,8 @@ class MultiScaleResidualQuantizer(nnx.Module):
     residual = target
     f_hat = jnp.zeros_like(f)
     indices, lookup_inputs, partial_errors = [], [], []
-    codebook_loss = commitment_loss = 0.0
+    # Per-example means [B], so that an evaluation can leave out the padding of a last batch.
+    codebook_loss = commitment_loss = jnp.zeros(f.shape[0], jnp.float32)
     for k, size in enumerate(self.scales):
       z = area_downsample(residual, size)
       idx = nearest_codes(z, lookup_codebook)
@@ -360,8 +361,9 @@ class MultiScaleResidualQuantizer(nnx.Module):
                                self.upsample_method))
       f_hat = f_hat + h
       residual = residual - jax.lax.stop_gradient(h)
-      codebook_loss = codebook_loss + jnp.mean((f_hat - target) ** 2)
-      commitment_loss = commitment_loss + jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2)
+      codebook_loss = codebook_loss + jnp.mean((f_hat - target) ** 2, axis=(1, 2, 3))
+      commitment_loss = commitment_loss + jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2,
+                                                   axis=(1, 2, 3))
       partial_errors.append(jnp.mean((jax.lax.stop_gradient(f_hat) - target) ** 2))
       indices.append(idx)
       lookup_inputs.append(z)
@@ -373,9 +375,10 @@ class MultiScaleResidualQuantizer(nnx.Module):
         "f_hat": f_hat,
         "f_hat_st": f + jax.lax.stop_gradient(f_hat - f),
         "indices": indices,
-        "vq_loss": codebook_loss + self.beta * commitment_loss,
-        "codebook_loss": codebook_loss,
-        "commitment_loss": commitment_loss,
+        "vq_loss": jnp.mean(codebook_loss + self.beta * commitment_loss),
+        "vq_loss_per_example": codebook_loss + self.beta * commitment_loss,
+        "codebook_loss": jnp.mean(codebook_loss),
+        "commitment_loss": jnp.mean(commitment_loss),
         "partial_errors": jnp.stack(partial_errors),  # |f_hat_k - f|^2 after each scale
         "lookup_inputs": lookup_inputs,  # z_k [B, s_k, s_k, D], what each lookup quantized
         "codebook_usage": self.codebook_usage(),
@@ -638,6 +641,7 @@ class VARTokenizer(nnx.Module):
     return {
         "reconstruction": self.decode_fhat(quantized["f_hat_st"]),
         "vq_loss": quantized["vq_loss"],
+        "vq_loss_per_example": quantized["vq_loss_per_example"],
         "latent_mse": quantized["partial_errors"][-1],
         "codebook_usage": quantized["codebook_usage"],
         "indices": quantized["indices"],

@@ -6,8 +6,9 @@ Data: the image classification data sets (`config.data.name` "mnist" or "cifar10
 in [-1, 1].
 
 The model maps {"inputs": x} to a dict with at least "reconstruction" [B, H, W, C], "vq_loss"
-(its codebook + commitment losses) and "codebook_usage"; "indices" (a list of token maps) feeds
-the code-usage picture.
+(its codebook + commitment losses), "vq_loss_per_example" [B] (the same per image, so that
+evaluation leaves out the padding of a last batch) and "codebook_usage"; "indices" (a list of
+token maps) feeds the code-usage picture.
 
     loss = reconstruction + vq_loss,   reconstruction = mean (x_hat - x)^2 ("l2") or |x_hat - x|
                                        ("l1"), over pixels and channels
@@ -129,7 +130,7 @@ class TokenizerTask:
     count = jnp.sum(mask)
     return {"mse": jnp.sum(mse * mask), "l1": jnp.sum(pixel * mask),
             "psnr": jnp.sum(per_image_psnr(reconstruction, target) * mask),
-            "vq_loss": outputs["vq_loss"] * count,
+            "vq_loss": jnp.sum(outputs["vq_loss_per_example"] * mask),
             "codebook_usage": outputs["codebook_usage"] * count, "count": count}
 
   def summarize(self, sums: dict[str, float]) -> dict[str, float]:
