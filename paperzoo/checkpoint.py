@@ -50,6 +50,15 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
+  def best_step(self) -> int | None:
+    return self.best.latest_step()
+
+  def discard_best(self) -> None:
+    """Deletes every best checkpoint: a run that starts afresh must not inherit one (orbax
+    would also refuse to save a step at or before the newest it holds)."""
+    for step in self.best.all_steps():
+      self.best.delete(step)
+
   def restore(self, abstract_state: Any, *, best: bool = False) -> tuple[Any, dict[str, Any]]:
     """Restores the newest latest (or the best) checkpoint onto `abstract_state`'s shardings."""
     manager = self.best if best else self.latest

@@ -123,14 +123,17 @@ def base_config() -> ConfigDict:
   # Learning-rate schedule after warmup:
   #   "constant"
   #   "cosine": cosine decay to `min_lr_ratio` * learning_rate at the last step
-  #   "step": multiply by `decay_rate` every `decay_every_epochs` epochs; with decay_rate 0.5
-  #           and decay_every_epochs 1 this is the forecasting papers' halve-every-epoch
-  #           (Time-Series-Library `lradj=type1`).
+  #   "step": epoch e (counted from 0 after warmup) trains at
+  #           learning_rate * decay_rate ** (max(e - decay_start_epoch, 0) // decay_every_epochs).
+  #           Time-Series-Library's `lradj=type1` (the forecasting papers' protocol) is
+  #           decay_rate 0.5, decay_every_epochs 1, decay_start_epoch 1: it sets the rate for
+  #           epoch e + 1 to lr * 0.5 ** e after epoch e, so epochs 0 and 1 both train at lr.
   config.optimizer.schedule = "constant"
   config.optimizer.warmup_steps = 0
   config.optimizer.min_lr_ratio = 0.0
   config.optimizer.decay_rate = 0.5
   config.optimizer.decay_every_epochs = 1
+  config.optimizer.decay_start_epoch = 0
 
   # The device mesh. Axis sizes: -1 takes all remaining devices (at most one axis may be -1).
   # `data`: pure data parallelism; `fsdp`: data parallelism that also shards parameters and

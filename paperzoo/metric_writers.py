@@ -1,8 +1,8 @@
 """Where metrics go: JSON lines, TensorBoard event files, and a progress bar.
 
 `<workdir>/metrics.jsonl` holds one record per line: `{"step": 100, "split": "train",
-"loss": 0.41, ...}`. On resume the records after the restored step are dropped first, so the
-file always reads like one uninterrupted run.
+"loss": 0.41, ...}`. On resume the records after the restored step, and the final test's, are
+dropped first, so the file always reads like one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class MetricWriter:
     workdir = pathlib.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     if resume_step is not None and self.path.exists():
+      # The final test's record (at the best step) is written again when the run ends.
       kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
+              if line.strip() and json.loads(line)["step"] <= resume_step
+              and json.loads(line)["split"] != "test"]
       self.path.write_text("".join(line + "\n" for line in kept))
     elif resume_step is None and self.path.exists():
       self.path.unlink()

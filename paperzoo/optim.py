@@ -14,16 +14,25 @@ def make_schedule(opt: Any, *, total_steps: int, steps_per_epoch: int) -> optax.
   """The learning rate as a function of the optimizer step."""
   lr = opt.learning_rate
   warmup = int(opt.warmup_steps)
-  decay_steps = max(total_steps - warmup, 1)
+  # Optimizer steps run 0 .. total_steps - 1, so the last one decays fully.
+  decay_steps = max(total_steps - warmup - 1, 1)
   if opt.schedule == "constant":
     after = optax.constant_schedule(lr)
   elif opt.schedule == "cosine":
     after = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.min_lr_ratio)
   elif opt.schedule == "step":
-    # Staircase: epoch e (counted from 0 after warmup) trains at lr * decay_rate**(e // every).
+    # Staircase: epoch e (counted from 0 after warmup) trains at
+    # lr * decay_rate ** (max(e - decay_start_epoch, 0) // decay_every_epochs).
+    start = int(opt.decay_start_epoch)
+    if start < 0 or int(opt.decay_every_epochs) < 1:
+      raise ValueError(f"optimizer.decay_start_epoch={start} must be >= 0 and "
+                       f"optimizer.decay_every_epochs={opt.decay_every_epochs} >= 1")
     after = optax.exponential_decay(
         lr, transition_steps=steps_per_epoch * int(opt.decay_every_epochs),
         decay_rate=opt.decay_rate, staircase=True)
+    if start:
+      after = optax.join_schedules([optax.constant_schedule(lr), after],
+                                   [start * steps_per_epoch])
   else:
     raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; valid: {', '.join(SCHEDULES)}")
   if warmup <= 0:

@@ -131,6 +131,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
       state, record = checkpoints.restore(_with_shardings(abstract_state, state_shardings))
       _report(f"resumed from {workdir}/checkpoints/{resume_step}")
     else:
+      checkpoints.discard_best()  # (left by a run whose latest checkpoints were removed)
       state = jax.jit(step_def.init_state, out_shardings=state_shardings)()
       record = {"best_metric": None, "best_step": None, "evals_without_improvement": 0,
                 "training_done": False,
@@ -188,6 +189,13 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     with stopwatch("checkpoint"):
       record["seconds"] = dict(stopwatch.seconds)
       checkpoints.save(int(jax.device_get(state["step"])), state, dict(record), best=best)
+
+  # Both managers save asynchronously, the best first: a kill can leave the latest checkpoint
+  # of step s, the best by its record, complete and the best one of step s not. The latest
+  # state is that best state, so it is saved as the best again.
+  if (resume_step is not None and record["best_step"] == resume_step
+      and checkpoints.best_step() != resume_step):
+    save(state, best=True)
 
   # Preemption: SIGTERM sets a flag that the loop reads after each step. Processes of a
   # multi-process run must stop at the same step, so there jax's preemption service (which

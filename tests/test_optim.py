@@ -17,24 +17,58 @@ def opt_config(**overrides):
   return opt
 
 
-def test_step_schedule_halves_every_epoch_like_tslib_type1():
-  # TSLib lradj=type1: epoch e (from 0) trains at lr * 0.5**e.
-  schedule = optim.make_schedule(opt_config(learning_rate=1e-3, schedule="step"),
-                                 total_steps=40, steps_per_epoch=10)
-  lrs = np.array([schedule(s) for s in range(40)])
-  np.testing.assert_allclose(lrs[[0, 9, 10, 19, 20, 39]],
-                             [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 1.25e-4], rtol=1e-6)
+def tslib_epoch_rates(lr: float, lradj: str, epochs: int) -> list[float]:
+  """Time-Series-Library's `adjust_learning_rate(optimizer, epoch + 1, args)`, called after
+  each epoch: the rate each epoch trains at (the first at `lr`)."""
+  rates = [lr]
+  for epoch in range(epochs - 1):
+    e = epoch + 1  # what the training loop passes
+    if lradj == "type1":
+      rates.append(lr * 0.5 ** ((e - 1) // 1))
+    elif lradj == "type3":  # PatchTST's
+      rates.append(lr if e < 3 else lr * 0.9 ** ((e - 3) // 1))
+  return rates
+
+
+@pytest.mark.parametrize("lradj, decay_rate, decay_start_epoch",
+                         [("type1", 0.5, 1), ("type3", 0.9, 3)])
+def test_step_schedule_is_tslib_lradj(lradj, decay_rate, decay_start_epoch):
+  schedule = optim.make_schedule(
+      opt_config(learning_rate=1e-3, schedule="step", decay_rate=decay_rate,
+                 decay_start_epoch=decay_start_epoch), total_steps=80, steps_per_epoch=10)
+  lrs = np.array([schedule(s) for s in range(80)]).reshape(8, 10)
+  np.testing.assert_allclose(lrs, np.repeat(np.array(tslib_epoch_rates(1e-3, lradj, 8))[:, None],
+                                            10, axis=1), rtol=1e-6)
+
+
+def test_step_schedule_from_the_first_epoch_and_every_two():
+  schedule = optim.make_schedule(opt_config(learning_rate=1.0, schedule="step",
+                                            decay_every_epochs=2), total_steps=60,
+                                 steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 39, 40, 59)],
+                             [1, 1, 0.5, 0.5, 0.25, 0.25], rtol=1e-6)
+  with pytest.raises(ValueError, match="decay_start_epoch=-1"):
+    optim.make_schedule(opt_config(schedule="step", decay_start_epoch=-1), total_steps=10,
+                        steps_per_epoch=5)
+
+
+def test_the_forecasting_protocol_uses_tslib_type1():
+  from experiments.configs import dlinear  # pylint: disable=g-import-not-at-top
+  opt = dlinear.get_config("").optimizer
+  schedule = optim.make_schedule(opt, total_steps=50, steps_per_epoch=5)
+  np.testing.assert_allclose([schedule(5 * e) for e in range(10)],
+                             tslib_epoch_rates(opt.learning_rate, "type1", 10), rtol=1e-6)
 
 
 def test_warmup_then_cosine_reaches_the_floor():
   schedule = optim.make_schedule(
       opt_config(learning_rate=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1),
-      total_steps=110, steps_per_epoch=10)
+      total_steps=111, steps_per_epoch=10)
   assert float(schedule(0)) == 0.0
   assert float(schedule(5)) == pytest.approx(0.5)
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(60)) == pytest.approx(0.55, rel=1e-5)  # half-way down the cosine
-  assert float(schedule(110)) == pytest.approx(0.1, rel=1e-5)
+  assert float(schedule(110)) == pytest.approx(0.1, rel=1e-5)  # the last step: the floor
 
 
 def test_clipping_and_l2_weight_decay_change_the_update():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -217,6 +218,30 @@ def test_a_finished_workdir_resumes_without_training_again(tmp_path):
   second = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
   assert second["test"] == first["test"]
   assert len(train_losses(tmp_path)) == 3
+  splits = [r["split"] for r in metric_writers.read_metrics(tmp_path)]
+  assert splits.count("test") == 1 and splits[-1] == "test"  # the final test, once
+
+
+def test_a_fresh_start_discards_a_left_over_best_checkpoint(tmp_path):
+  """Latest checkpoints removed, best kept: the run starts afresh and must not test the old
+  best (orbax would also skip saving the new best at the same step)."""
+  paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "checkpoints")
+  config = tiny_dlinear(num_steps=3)
+  config.optimizer.learning_rate *= 10  # another run: other weights
+  again = paperzoo.train_and_evaluate(config, tmp_path / "run")
+  clean = paperzoo.train_and_evaluate(config, tmp_path / "clean")
+  assert again["test"] == clean["test"]
+
+
+def test_a_best_checkpoint_lost_at_the_resume_step_is_saved_again(tmp_path):
+  """A kill while the best checkpoint of step s is written, after the latest of step s: the
+  latest state is the best one, so resuming saves it as the best again."""
+  first = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
+  assert first["best_step"] == 3
+  shutil.rmtree(tmp_path / "best" / "3")
+  second = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
+  assert second["best_step"] == 3 and second["test"] == first["test"]
 
 
 def test_quickstart_learns_the_synthetic_series(tmp_path):

@@ -22,8 +22,9 @@ def forecasting_data(name: str, *, seq_len: int, pred_len: int) -> ConfigDict:
 def forecasting_protocol(config: ConfigDict) -> ConfigDict:
   """Time-Series-Library's long-term forecasting training protocol.
 
-  Adam, batch 32, 10 epochs, early stopping with patience 3 on validation MSE, learning rate
-  halved after every epoch (`lradj=type1`), MSE loss, seed 2021.
+  Adam, batch 32, 10 epochs, early stopping with patience 3 on validation MSE, MSE loss, seed
+  2021; the learning rate of `lradj=type1`: after epoch e (from 0) TSL sets lr * 0.5 ** e for
+  the next, so the first two epochs train at lr, then it halves every epoch.
   """
   config.task = ConfigDict({"name": "forecasting", "loss": "mse"})
   config.train.batch_size = 32
@@ -33,6 +34,7 @@ def forecasting_protocol(config: ConfigDict) -> ConfigDict:
   config.optimizer.schedule = "step"
   config.optimizer.decay_rate = 0.5
   config.optimizer.decay_every_epochs = 1
+  config.optimizer.decay_start_epoch = 1
   return config
 
 

@@ -32,8 +32,9 @@ e_layers 3, n_heads 4, d_model 16, d_ff 128, dropout 0.3, patch 16, stride 8, ba
 100 epochs, patience 100. The brief and FORECASTING_PROTOCOL.md give head dropout 0.3; the
 script passes `--fc_dropout 0.3 --head_dropout 0`, and fc_dropout only feeds the pretraining
 head, so the flatten head here runs with head_dropout 0.0, as in the authors' script. The
-script's schedule (`lradj type3`: the base rate for the first epochs, then x0.9 per epoch) is
-approximated by the trainer's step schedule with decay 0.9 every epoch from the second epoch.
+script's schedule (`lradj type3`, set after epoch e for epoch e + 1: lr while e + 1 < 3, then
+lr * 0.9 ** (e + 1 - 3)) trains epochs 0 to 3 at lr and multiplies by 0.9 every epoch after:
+the trainer's step schedule with decay 0.9 every epoch from decay_start_epoch 3.
 """
 
 from experiments.configs import common
@@ -89,6 +90,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.train.num_epochs = 100
     config.train.patience = 100
     config.optimizer.decay_rate = 0.9
+    config.optimizer.decay_start_epoch = 3
   if arg.runlocal:
     common.runlocal(config)
     config.model.update(d_model=16, d_ff=16, num_heads=2, num_layers=1)
