@@ -94,8 +94,9 @@ def base_config() -> ConfigDict:
   # validation loss counts as an improvement (best checkpoint, patience), which matters where a
   # tiny validation set makes accuracy ties common (UEA).
   config.train.selection_tie_break = ""
-  # Split each batch into this many micro-batches and sum their gradients before one update
-  # (same result as the full batch, less memory).
+  # Split each batch into this many micro-batches and average their gradients before one
+  # update: less memory, and the full batch's gradient for models without batch statistics
+  # (BatchNorm, as in PatchTST, Informer and CvT, sees each micro-batch alone).
   config.train.grad_accum_steps = 1
   # Exponential moving average of the parameters, used for evaluation when > 0 (e.g. 0.9999).
   config.train.ema_decay = 0.0

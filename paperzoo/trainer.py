@@ -450,7 +450,8 @@ class TrainStep:
     else:
       # Micro-batch i takes examples i, i + accum, ...: a strided slice of the batch axis keeps
       # each device's examples on that device. The mean of equal-size micro-batch means is the
-      # full-batch mean, so the update equals the one without accumulation.
+      # full-batch mean, so the update equals the one without accumulation (for models
+      # without batch statistics: BatchNorm normalizes each micro-batch alone).
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
 
       def accumulate(i, carry):
