@@ -52,10 +52,16 @@ def _convert(key: str, value: str, default: Any) -> Any:
     raise ValueError(f"config argument {key}={value!r} is not a boolean")
   if isinstance(default, (int, float)):
     try:
-      return type(default)(ast.literal_eval(value))
+      parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      raise ValueError(f"config argument {key}={value!r} is not a "
-                       f"{type(default).__name__}") from None
+      parsed = None
+    # An int key takes whole numbers only (seq_len=96.5 must not become 96); a float key
+    # takes ints too.
+    wanted = (int,) if isinstance(default, int) else (int, float)
+    if isinstance(parsed, bool) or not isinstance(parsed, wanted):
+      raise ValueError(f"config argument {key}={value!r} is not "
+                       + ("an integer" if isinstance(default, int) else "a number"))
+    return type(default)(parsed)
   return value
 
 

@@ -53,8 +53,13 @@ def test_parse_arg_types_and_switches():
   assert (arg.data, arg.pred_len, arg.runlocal) == ("etth2", 192, True)
   with pytest.raises(ValueError, match="valid arguments: data, pred_len"):
     config_lib.parse_arg("horizon=3", data="etth1", pred_len=96)
-  with pytest.raises(ValueError, match="not a int"):
-    config_lib.parse_arg("pred_len=abc", pred_len=96)
+  for bad in ("abc", "96.5", "True"):
+    with pytest.raises(ValueError, match=f"pred_len='{bad}' is not an integer"):
+      config_lib.parse_arg(f"pred_len={bad}", pred_len=96)
+  assert config_lib.parse_arg("lr=3", lr=1e-3).lr == 3.0  # a float key takes an int
+  assert config_lib.parse_arg("lr=2e-4", lr=1e-3).lr == 2e-4
+  with pytest.raises(ValueError, match="lr='fast' is not a number"):
+    config_lib.parse_arg("lr=fast", lr=1e-3)
 
 
 def test_unknown_model_name_fails_before_compute_and_lists_valid_names(tmp_path):
