@@ -504,8 +504,9 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings)
 
 
-# Config sections that decide what a checkpoint means; resuming with others changed is refused.
-_STATE_DEFINING_SECTIONS = ("task", "data", "model")
+# Config entries that decide what a checkpoint means or which batches come next (the data
+# order is a function of seed, step and batch size); resuming with one changed is refused.
+_STATE_DEFINING_KEYS = ("task", "data", "model", "seed", "train.batch_size")
 
 
 def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
@@ -514,11 +515,16 @@ def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
     return
   saved = json.loads(saved_path.read_text())
   current = json.loads(config.to_json_best_effort())
-  for section in _STATE_DEFINING_SECTIONS:
-    if saved.get(section) != current.get(section):
+  def get(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+  for key in _STATE_DEFINING_KEYS:
+    if get(saved, key) != get(current, key):
       raise checkpoint_lib.CheckpointMismatchError(
-          f"{workdir} holds checkpoints of a run whose config.{section} differs from this one "
-          f"(saved: {saved.get(section)}, now: {current.get(section)}). Resume with the same "
+          f"{workdir} holds checkpoints of a run whose config.{key} differs from this one "
+          f"(saved: {get(saved, key)}, now: {get(current, key)}). Resume with the same "
           f"config or use a new --workdir.")
 
 

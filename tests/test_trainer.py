@@ -207,6 +207,12 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   config.model.individual = True
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="config.model differs"):
     paperzoo.train_and_evaluate(config, tmp_path)
+  for key, value in (("seed", 7), ("train.batch_size", 5)):  # another data order
+    other = tiny_dlinear(num_steps=4)
+    other.update_from_flattened_dict({key: value})
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                       match=rf"config.{key} differs .*now: {value}\)"):
+      paperzoo.train_and_evaluate(other, tmp_path)
   # Without the saved config to compare against, the checkpoint itself is checked.
   (tmp_path / "config.json").unlink()
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not match the model"):
