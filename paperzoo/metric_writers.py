@@ -34,10 +34,9 @@ class MetricWriter:
     self.path = workdir / "metrics.jsonl"
     if resume_step is not None and self.path.exists():
       # The final test's record (at the best step) is written again when the run ends.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step
-              and json.loads(line)["split"] != "test"]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+      kept = [r for r in records if r["step"] <= resume_step and r["split"] != "test"]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     elif resume_step is None and self.path.exists():
       self.path.unlink()
     self._file = open(self.path, "a")

@@ -515,6 +515,7 @@ def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
     return
   saved = json.loads(saved_path.read_text())
   current = json.loads(config.to_json_best_effort())
+
   def get(tree: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
       tree = tree.get(part) if isinstance(tree, dict) else None
