@@ -46,7 +46,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 # Config keys added after runs were recorded, with the default that does what those runs did: a
 # saved config without the key equals today's config at this default (and only at it).
-ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0}
+ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
+                         "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": ""}
 
 
 def _compared(config: dict[str, Any]) -> dict[str, Any]:

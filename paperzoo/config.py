@@ -125,6 +125,12 @@ def base_config() -> ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.0
+  # Which parameters weight decay applies to. decay_vectors=False spares every parameter with
+  # at most one dimension (biases, normalization scales), as DeiT, Swin and VAR do;
+  # no_decay_pattern spares those whose path (e.g. "positions", "blocks/0/mixer/
+  # relative_position_bias") matches this regular expression ("" spares none).
+  config.optimizer.decay_vectors = True
+  config.optimizer.no_decay_pattern = ""
   # Clip the global gradient norm to this value (0 disables).
   config.optimizer.grad_clip_norm = 0.0
   # Learning-rate schedule after warmup:

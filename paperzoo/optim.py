@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import jax
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -40,20 +42,44 @@ def make_schedule(opt: Any, *, total_steps: int, steps_per_epoch: int) -> optax.
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def weight_decay_mask(opt: Any) -> Any:
+  """None (every parameter decays), or a function from the parameter tree to a tree of bools:
+  False where `optimizer.decay_vectors` is off and the parameter has at most one dimension
+  (biases, normalization scales), or where its path ("block_0/mixer/relative_position_bias")
+  matches the regular expression `optimizer.no_decay_pattern`."""
+  pattern = str(opt.no_decay_pattern)
+  if opt.decay_vectors and not pattern:
+    return None
+  try:
+    skipped = re.compile(pattern) if pattern else None
+  except re.error as error:
+    raise ValueError(f"optimizer.no_decay_pattern={pattern!r} is no regular expression: "
+                     f"{error}") from None
+
+  def decays(path, leaf) -> bool:
+    if not opt.decay_vectors and leaf.ndim <= 1:
+      return False
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return not (skipped and skipped.search(name))
+
+  return lambda params: jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
   """Gradient clipping (optional) followed by the chosen update rule."""
+  mask = weight_decay_mask(opt)
   if opt.name == "adam":
     update = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
   elif opt.name == "adamw":
     update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                         weight_decay=opt.weight_decay)
+                         weight_decay=opt.weight_decay, mask=mask)
   elif opt.name == "sgd":
     update = optax.sgd(schedule, momentum=opt.b1 or None)
   else:
     raise ValueError(f"unknown optimizer.name {opt.name!r}; valid: {', '.join(OPTIMIZERS)}")
   if opt.name != "adamw" and opt.weight_decay:
     # L2 regularization added to the gradient, as torch.optim.Adam(weight_decay=...) does.
-    update = optax.chain(optax.add_decayed_weights(opt.weight_decay), update)
+    update = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=mask), update)
   if opt.grad_clip_norm > 0:
     update = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), update)
   return update

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -89,3 +90,71 @@ def test_unknown_names_list_the_valid_ones():
     optim.make_optimizer(opt_config(name="lion"), optax.constant_schedule(1.0))
   with pytest.raises(ValueError, match="constant, cosine, step"):
     optim.make_schedule(opt_config(schedule="linear"), total_steps=1, steps_per_epoch=1)
+
+
+def _decay_updates(name: str, **overrides) -> dict[str, np.ndarray]:
+  """One step of the optimizer on zero gradients: what weight decay alone does to each
+  parameter (all ones) at learning rate 0.1 and weight decay 0.5."""
+  opt = opt_config(name=name, learning_rate=0.1, weight_decay=0.5, **overrides)
+  tx = optim.make_optimizer(opt, optim.make_schedule(opt, total_steps=10, steps_per_epoch=5))
+  params = {"positions": jnp.ones((4, 3)), "head": {"kernel": jnp.ones((3, 2)),
+                                                   "bias": jnp.ones((2,))},
+            "blocks": [{"relative_position_bias": jnp.ones((9, 2)),
+                        "mlp": {"kernel": jnp.ones((3, 3))}}]}
+  zero = {"positions": jnp.zeros((4, 3)), "head": {"kernel": jnp.zeros((3, 2)),
+                                                   "bias": jnp.zeros((2,))},
+          "blocks": [{"relative_position_bias": jnp.zeros((9, 2)),
+                      "mlp": {"kernel": jnp.zeros((3, 3))}}]}
+  updates, _ = tx.update(zero, tx.init(params), params)
+  flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(u)
+          for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  return {name: float(np.abs(u).max()) for name, u in flat.items()}
+
+
+def test_weight_decay_spares_vectors_and_named_parameters():
+  everything = _decay_updates("adamw")
+  assert everything == pytest.approx({"positions": 0.05, "head/kernel": 0.05, "head/bias": 0.05,
+                                      "blocks/0/relative_position_bias": 0.05,
+                                      "blocks/0/mlp/kernel": 0.05})
+  spared = _decay_updates("adamw", decay_vectors=False,
+                          no_decay_pattern="positions|relative_position_bias")
+  assert spared == pytest.approx({"positions": 0.0, "head/kernel": 0.05, "head/bias": 0.0,
+                                  "blocks/0/relative_position_bias": 0.0,
+                                  "blocks/0/mlp/kernel": 0.05})
+  # The L2 penalty of adam(weight_decay=...) follows the same mask: spared parameters see a
+  # zero gradient, the others Adam's first step of size learning_rate.
+  l2 = _decay_updates("adam", decay_vectors=False, no_decay_pattern="^positions$")
+  assert l2 == pytest.approx({"positions": 0.0, "head/kernel": 0.1, "head/bias": 0.0,
+                              "blocks/0/relative_position_bias": 0.1,
+                              "blocks/0/mlp/kernel": 0.1}, rel=1e-4)
+
+
+def test_weight_decay_pattern_must_be_a_regular_expression():
+  with pytest.raises(ValueError, match=r"no_decay_pattern='\(positions' is no regular"):
+    optim.make_optimizer(opt_config(name="adamw", no_decay_pattern="(positions"),
+                         optax.constant_schedule(1e-3))
+
+
+@pytest.mark.parametrize("config_name", ["vit", "swin", "agent"])
+def test_cifar10_recipe_spares_what_deit_and_swin_spare(config_name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from paperzoo.registry import MODELS  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"experiments.configs.{config_name}").get_config(
+      "data=cifar10")
+  model = nnx.eval_shape(lambda: MODELS.get(config.model.name)(
+      config.model, num_classes=10, input_shape=(32, 32, 3), vocab_size=None,
+      rngs=nnx.Rngs(params=0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  decays = optim.weight_decay_mask(config.optimizer)(params)
+  by_name = {"/".join(str(getattr(k, "key", k)) for k in path): bool(d)
+             for path, d in jax.tree_util.tree_flatten_with_path(decays)[0]}
+  spared = {name for name, d in by_name.items() if not d}
+  assert spared and len(spared) < len(by_name)
+  for name, d in by_name.items():
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf in ("bias", "scale", "positions", "class_token", "relative_position_bias",
+                "agent_bias", "query_bias"):
+      assert not d, name
+    elif leaf == "kernel":
+      assert d, name
