@@ -135,22 +135,25 @@ def test_weight_decay_pattern_must_be_a_regular_expression():
                          optax.constant_schedule(1e-3))
 
 
+def _decays_by_name(config, **model_kwargs) -> dict[str, bool]:
+  """Whether each parameter of `config`'s model decays, keyed by its path."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from paperzoo.registry import MODELS  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: MODELS.get(config.model.name)(
+      config.model, **model_kwargs, rngs=nnx.Rngs(params=0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  decays = optim.weight_decay_mask(config.optimizer)(params)
+  return {"/".join(str(getattr(k, "key", k)) for k in path): bool(d)
+          for path, d in jax.tree_util.tree_flatten_with_path(decays)[0]}
+
+
 @pytest.mark.parametrize("config_name", ["vit", "swin", "agent"])
 def test_cifar10_recipe_spares_what_deit_and_swin_spare(config_name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from paperzoo.registry import MODELS  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{config_name}").get_config(
       "data=cifar10")
-  model = nnx.eval_shape(lambda: MODELS.get(config.model.name)(
-      config.model, num_classes=10, input_shape=(32, 32, 3), vocab_size=None,
-      rngs=nnx.Rngs(params=0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  decays = optim.weight_decay_mask(config.optimizer)(params)
-  by_name = {"/".join(str(getattr(k, "key", k)) for k in path): bool(d)
-             for path, d in jax.tree_util.tree_flatten_with_path(decays)[0]}
-  spared = {name for name, d in by_name.items() if not d}
-  assert spared and len(spared) < len(by_name)
+  by_name = _decays_by_name(config, num_classes=10, input_shape=(32, 32, 3), vocab_size=None)
+  assert 0 < sum(by_name.values()) < len(by_name)
   for name, d in by_name.items():
     leaf = name.rsplit("/", 1)[-1]
     if leaf in ("bias", "scale", "positions", "class_token", "relative_position_bias",
@@ -158,3 +161,12 @@ def test_cifar10_recipe_spares_what_deit_and_swin_spare(config_name):
       assert not d, name
     elif leaf == "kernel":
       assert d, name
+
+
+def test_lra_mamba_spares_a_log_and_d_only():
+  from experiments.configs import lra  # pylint: disable=g-import-not-at-top
+  config = lra.get_config("task=listops,mixer=mamba,size=cpu")
+  by_name = _decays_by_name(config, num_classes=10, input_shape=(256,), vocab_size=20)
+  spared = {name.rsplit("/", 1)[-1] for name, d in by_name.items() if not d}
+  assert spared == {"A_log", "D"}
+  assert sum(not d for d in by_name.values()) == 2 * sum(n.endswith("/A_log") for n in by_name)

@@ -130,9 +130,13 @@ def image_classification_recipe(config: ConfigDict, data: str, *, epochs: int) -
   return config
 
 
+# Mamba keeps its state matrix (A_log) and skip (D) out of weight decay.
+MAMBA_NO_DECAY_PATTERN = r"A_log|(^|/)D$"
 # Parameters that DeiT-, Swin- and Agent-Attention-style recipes keep out of weight decay:
-# learned positions, class tokens and the position-bias tables of window and agent attention.
-NO_DECAY_PATTERN = r"positions|class_token|relative_position_bias|agent_bias|query_bias"
+# learned positions, class tokens and the position-bias tables of window and agent attention
+# (and Mamba's, for the mamba mixer).
+NO_DECAY_PATTERN = (r"positions|class_token|relative_position_bias|agent_bias|query_bias|"
+                    + MAMBA_NO_DECAY_PATTERN)
 
 # Every mixer key with its default (paperzoo.layers.mixers), so that a config can swap the mixer
 # with one argument; a model section starts from these.

@@ -17,8 +17,9 @@ The model is `sequence_classifier` (embedding of the token or pixel ids, sinusoi
 pre-norm MetaFormer blocks, masked mean pooling): the LRA baseline recipe of a small encoder
 and a pooled classifier. Full size: d_model 256, 4 layers, 4 heads, MLP ratio 4 (our choice:
 the per-task sizes of the LRA paper are not among the papers' texts available here), AdamW
-(learning rate 5e-4, weight decay 0.01, 1,000 warmup steps, cosine). Data at full size: ListOps
-96k/2k/2k expressions of 500 to 2,000 tokens; Image 45k/5k/10k; Pathfinder 160k/20k/20k.
+(learning rate 5e-4, weight decay 0.01 except on Mamba's A_log and D, 1,000 warmup steps,
+cosine). Data at full size: ListOps 96k/2k/2k expressions of 500 to 2,000 tokens; Image
+45k/5k/10k; Pathfinder 160k/20k/20k.
 CPU size: a 2-layer, 64-wide model on sequences of 256 tokens: ListOps 20k/2k/2k expressions
 of 50 to 250 tokens (seq_len 256); Pathfinder 20k/2k/2k images generated at 16x16 (the
 generator scales every length, contour length 14 as at 32); Image the full set, each 2x2 block
@@ -70,6 +71,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 200 if cpu else 1_000
   config.optimizer.grad_clip_norm = 1.0
+  if arg.mixer == "mamba":
+    config.optimizer.no_decay_pattern = common.MAMBA_NO_DECAY_PATTERN
   if arg.runlocal:
     common.runlocal_classification(config)
   return config
