@@ -47,7 +47,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # Config keys added after runs were recorded, with the default that does what those runs did: a
 # saved config without the key equals today's config at this default (and only at it).
 ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
-                         "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": ""}
+                         "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": "",
+                         "task.randaugment_ops": 0, "task.randaugment_magnitude": 9}
 
 
 def _compared(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,7 @@ def _task(kind="series", label_smoothing=0.0):
   task = ClassificationTask.__new__(ClassificationTask)
   task.label_smoothing = label_smoothing
   task.crop_padding, task.flip, task.mixup_alpha = 0, False, 0.0
+  task.randaugment_ops, task.randaugment_magnitude, task.augments = 0, 9, False
   split = classification_data.ArraySplit({"inputs": np.zeros((2, 3)), "label": np.zeros(2)})
   task.data = classification_data.ClassificationData(
       name="fake", kind=kind, train=split, val=split, test=split, class_names=("a", "b", "c"))
@@ -116,10 +119,36 @@ def test_predicted_labels_never_pad_a_small_split_up_to_the_batch():
 
 
 def test_augmentation_only_for_images(tmp_path):
-  config = ConfigDict({"data": common.classification_data("uea"),
-                       "task": common.classification_task(flip=True)})
-  with pytest.raises(ValueError, match="augment images"):
+  for augmentation in (dict(flip=True), dict(randaugment_ops=2)):
+    config = ConfigDict({"data": common.classification_data("uea"),
+                         "task": common.classification_task(**augmentation)})
+    with pytest.raises(ValueError, match="augment images"):
+      ClassificationTask(config)
+  config.task.randaugment_magnitude = 31
+  with pytest.raises(ValueError, match=r"randaugment_magnitude=31 in \[0, 30\]"):
     ClassificationTask(config)
+
+
+def test_randaugment_runs_on_the_uint8_pixels_before_normalization():
+  from paperzoo.data import randaugment  # pylint: disable=g-import-not-at-top
+  task = _task(kind="image")
+  task.data = dataclasses.replace(task.data, image_mean=(0.5,), image_std=(0.25,))
+  task.randaugment_ops, task.randaugment_magnitude, task.augments = 2, 9, True
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (6, 7, 7, 1)), jnp.uint8)
+  seen = {}
+
+  def model(inputs, train, rngs):
+    del train, rngs
+    seen["inputs"] = inputs["inputs"]
+    return jnp.zeros((6, 3))
+
+  task.loss(model, {"inputs": images, "label": jnp.zeros(6, jnp.int32)}, train=True,
+            rngs=nnx.Rngs(dropout=0))
+  key = jax.random.fold_in(nnx.Rngs(dropout=0).dropout(), 1)
+  augmented = randaugment.rand_augment(images, key, num_ops=2, magnitude=9)
+  assert not np.array_equal(augmented, images)
+  np.testing.assert_allclose(seen["inputs"],
+                             (augmented.astype(np.float32) / 255.0 - 0.5) / 0.25, rtol=1e-6)
 
 
 def test_forecasting_data_is_refused_with_the_valid_names():

@@ -330,17 +330,19 @@ def test_random_flip_per_example():
   assert abs(rate - 0.5) < 0.05
 
 
-def test_augment_keys_determinism_and_jit():
+def test_crop_and_flip_keys_determinism_and_jit():
   x = _batch()
   key = jax.random.key(3)
-  jitted = jax.jit(augment.augment, static_argnames=("crop_padding", "flip"))
-  a = jitted(x, key, crop_padding=4, flip=True)
-  np.testing.assert_array_equal(jitted(x, key, crop_padding=4, flip=True), a)
-  assert not np.array_equal(a, jitted(x, jax.random.key(4), crop_padding=4, flip=True))
-  np.testing.assert_array_equal(augment.augment(x, key), a)  # eager == jitted
-  np.testing.assert_array_equal(augment.augment(x, key, crop_padding=0, flip=False), x)
+  crop = jax.jit(augment.random_crop, static_argnames="padding")
+  a = crop(x, key, padding=4)
+  np.testing.assert_array_equal(crop(x, key, padding=4), a)
+  assert not np.array_equal(a, crop(x, jax.random.key(4), padding=4))
+  np.testing.assert_array_equal(augment.random_crop(x, key, padding=4), a)  # eager == jitted
+  np.testing.assert_array_equal(jax.jit(augment.random_flip)(x, key),
+                                augment.random_flip(x, key))
   uint8 = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)), jnp.uint8)
-  assert jitted(uint8, key, crop_padding=2, flip=True).dtype == jnp.uint8
+  assert crop(uint8, key, padding=2).dtype == jnp.uint8
+  assert augment.random_flip(uint8, key).dtype == jnp.uint8
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     augment.random_crop(x[0], key)
 

@@ -4,16 +4,18 @@ Each function draws every example's randomness from the one `key` it is given, s
 augmentation is a function of that key alone: the classification task derives it from
 (seed, step), and a resumed run replays exactly the same crops and flips.
 
-    x = augment(images, jax.random.fold_in(key, step), crop_padding=4, flip=True)
+    x = random_flip(random_crop(images, crop_key, padding=4), flip_key)
 
-Images are [B, H, W, C] (any dtype; the task augments them after normalizing). Shape arguments (`padding`,
-`crop_padding`, `flip`) are Python values: mark them static when jitting these directly.
+Images are [B, H, W, C] (any dtype; the task augments them after normalizing). `padding` is a
+Python value: mark it static when jitting `random_crop` directly. RandAugment, which works on
+uint8 pixels, is `paperzoo.data.randaugment`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 
 def _check_batch(images: jax.Array, name: str) -> None:
   if images.ndim != 4:
@@ -48,17 +50,6 @@ def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
   _check_batch(images, "random_flip")
   flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
-
-
-def augment(images: jax.Array, key: jax.Array, *, crop_padding: int = 4, flip: bool = True
-            ) -> jax.Array:
-  """`random_crop` (skipped when crop_padding is 0) then `random_flip` (if `flip`)."""
-  crop_key, flip_key = jax.random.split(key)
-  if crop_padding:
-    images = random_crop(images, crop_key, padding=crop_padding)
-  if flip:
-    images = random_flip(images, flip_key)
-  return images
 
 
 def mixup(images: jax.Array, labels_onehot: jax.Array, key: jax.Array, *, alpha: float

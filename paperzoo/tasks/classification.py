@@ -6,9 +6,10 @@ task turns them into what the model takes and scores the logits:
 
   tokens  int32 ids [B, L] are passed as they are (the model embeds them), with `padding_mask`
   image   uint8 [B, H, W, C] -> float32 (x / 255 - mean) / std with the training set's per-channel
-          statistics; while training, optionally a random crop (zero padding after
-          normalization) and a horizontal flip, drawn on the device from the step's key, so the
-          augmentation is a pure function of (seed, step) and a resumed run replays it
+          statistics; while training, optionally RandAugment (on the uint8 pixels), then a
+          random crop (zero padding after normalization), a horizontal flip and mixup, drawn on
+          the device from the step's key, so the augmentation is a pure function of
+          (seed, step) and a resumed run replays it
   series  float32 [B, T, C] (already normalized by the loader), with `padding_mask`
 
 The model sees `{"inputs": x, "padding_mask": m}` (the mask only where the data has one) and
@@ -22,6 +23,10 @@ Config keys (`config.task`):
   flip             (bool, False) images: mirror left-right with probability 1/2
   mixup_alpha      (float, 0.0)  images: mixup (Zhang et al. 2018) with lambda ~ Beta(a, a),
                                  one per batch, on the (smoothed) targets (0: off)
+  randaugment_ops  (int, 0)      images: RandAugment (Cubuk et al. 2020) with this many
+                                 operations per image, on the uint8 pixels before
+                                 normalization, crop and flip (0: off)
+  randaugment_magnitude (int, 9) its magnitude bin, 0..30 (`paperzoo.data.randaugment`)
 """
 
 from __future__ import annotations
@@ -57,12 +62,19 @@ class ClassificationTask:
     self.crop_padding = int(task.get("crop_padding", 0))
     self.flip = bool(task.get("flip", False))
     self.mixup_alpha = float(task.get("mixup_alpha", 0.0))
+    self.randaugment_ops = int(task.get("randaugment_ops", 0))
+    self.randaugment_magnitude = int(task.get("randaugment_magnitude", 9))
+    if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+      raise ValueError(f"task.randaugment_ops={self.randaugment_ops} must be >= 0 and "
+                       f"task.randaugment_magnitude={self.randaugment_magnitude} in [0, 30]")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"task.label_smoothing={self.label_smoothing} must be in [0, 1)")
     self.data = DATASETS.get(name)(config.data)
-    if (self.crop_padding or self.flip or self.mixup_alpha) and self.data.kind != "image":
-      raise ValueError(f"task.crop_padding / flip / mixup_alpha augment images; data set "
-                       f"{name!r} has {self.data.kind} inputs")
+    self.augments = bool(self.crop_padding or self.flip or self.mixup_alpha
+                         or self.randaugment_ops)
+    if self.augments and self.data.kind != "image":
+      raise ValueError(f"task.crop_padding / flip / mixup_alpha / randaugment_ops augment "
+                       f"images; data set {name!r} has {self.data.kind} inputs")
     self.splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
     self.selection = self.data.selection  # "test (legacy)" for UEA's legacy protocol
 
@@ -92,11 +104,16 @@ class ClassificationTask:
 
   def loss(self, model: Any, batch: dict[str, jax.Array], *, train: bool, rngs: Any
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    from paperzoo.data import augment  # pylint: disable=g-import-not-at-top
+    from paperzoo.data import augment, randaugment  # pylint: disable=g-import-not-at-top
+    augment_key = rngs.dropout() if train and self.augments else None
+    if augment_key is not None and self.randaugment_ops:
+      batch = dict(batch, inputs=randaugment.rand_augment(
+          batch["inputs"], jax.random.fold_in(augment_key, 1), num_ops=self.randaugment_ops,
+          magnitude=self.randaugment_magnitude))
     inputs = self.inputs(batch)
     targets = self.targets(batch["label"])
-    if train and (self.crop_padding or self.flip or self.mixup_alpha):
-      crop_key, flip_key, mixup_key = jax.random.split(rngs.dropout(), 3)
+    if augment_key is not None:
+      crop_key, flip_key, mixup_key = jax.random.split(augment_key, 3)
       x = inputs["inputs"]
       if self.crop_padding:
         x = augment.random_crop(x, crop_key, padding=self.crop_padding)
