@@ -49,3 +49,26 @@ def test_forecasting_speed_benchmark_steps_and_grid_projection(tmp_path):
   # DLinear runs on every data set: 3 x 4 horizons plus ILI's 4, at most 10 epochs each.
   assert grid["cells"] == 16 and not grid["refused"] and grid["max_epochs_per_seed"] == 160
   assert 0 < grid["train_seconds_upper_bound"] < 3 * 3600
+
+
+def test_step_cost_counts_the_run_with_the_configs_own_data_size():
+  from experiments import grids  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import step_cost  # pylint: disable=g-import-not-at-top
+  config = grids.load_config("lra", "task=listops,mixer=linear,size=cpu")
+  row = step_cost.step_cost(config, shrink_data=True)
+  assert row["steps"] == int(config.train.num_epochs) * (20_000 // 64)
+  assert row["example_shapes"]["inputs"] == (256,) and row["batch"] == 64
+  # At least the matmuls of the forward and backward passes through the blocks' weights.
+  block_weights = 2 * (4 * 64 * 64 + 2 * 64 * 128)
+  assert row["step_gflop"] * 1e9 > 3 * 2 * 64 * 256 * block_weights
+  assert row["run_pflop"] == row["step_gflop"] * row["steps"] / 1e6
+
+
+def test_step_cost_cli_prints_a_line_per_config():
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks.step_cost", "--config=dlinear.py:runlocal",
+       "--config=vit.py:data=mnist,runlocal"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [l for l in result.stdout.splitlines() if "GFLOP/step" in l]
+  assert [l.split(":")[0] for l in lines] == ["dlinear.py", "vit.py"]

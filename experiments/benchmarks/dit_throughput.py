@@ -174,9 +174,7 @@ def time_train_step(config: Any, *, steps: int, repeats: int, warmup: int) -> di
   start = time.perf_counter()
   compiled = built["step"].lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float(cost["flops"])
+  step_flops = machine.compiled_flops(compiled)
   losses = []
   for _ in range(warmup):
     state, metrics = compiled(state, batch)

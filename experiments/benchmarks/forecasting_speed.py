@@ -83,9 +83,8 @@ def step_cost(config) -> tuple[float, int]:
   graphdef, params = nnx.split(model)
   batch = task.inputs(task.splits["train"].get_batch(np.arange(config.train.batch_size)))
   forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b, train=False))
-  cost = forward.lower(params, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return 3 * float(cost["flops"]) / 1e9, len(task.splits["train"]) // config.train.batch_size
+  flops = machine.compiled_flops(forward.lower(params, batch).compile())
+  return 3 * flops / 1e9, len(task.splits["train"]) // config.train.batch_size
 
 
 def project_grid(name: str, achieved_gflops: float, seeds: int = 3) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,3 +21,10 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * size**3 / best / 1e9
+
+
+def compiled_flops(compiled: Any) -> float:
+  """FLOPs of a compiled computation from XLA's cost analysis (elementwise work included)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list on older jax versions
+  return float(cost["flops"])
