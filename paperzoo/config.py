@@ -127,7 +127,7 @@ def base_config() -> ConfigDict:
   config.optimizer.weight_decay = 0.0
   # Which parameters weight decay applies to. decay_vectors=False spares every parameter with
   # at most one dimension (biases, normalization scales), as DeiT, Swin and VAR do;
-  # no_decay_pattern spares those whose path (e.g. "positions", "blocks/0/mixer/
+  # no_decay_pattern spares those whose path (e.g. "positions", "stages/0/blocks/1/mixer/
   # relative_position_bias") matches this regular expression ("" spares none).
   config.optimizer.decay_vectors = True
   config.optimizer.no_decay_pattern = ""

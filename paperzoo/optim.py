@@ -45,8 +45,8 @@ def make_schedule(opt: Any, *, total_steps: int, steps_per_epoch: int) -> optax.
 def weight_decay_mask(opt: Any) -> Any:
   """None (every parameter decays), or a function from the parameter tree to a tree of bools:
   False where `optimizer.decay_vectors` is off and the parameter has at most one dimension
-  (biases, normalization scales), or where its path ("block_0/mixer/relative_position_bias")
-  matches the regular expression `optimizer.no_decay_pattern`."""
+  (biases, normalization scales), or where its path ("stages/0/blocks/1/mixer/
+  relative_position_bias") matches the regular expression `optimizer.no_decay_pattern`."""
   pattern = str(opt.no_decay_pattern)
   if opt.decay_vectors and not pattern:
     return None
@@ -59,7 +59,7 @@ def weight_decay_mask(opt: Any) -> Any:
   def decays(path, leaf) -> bool:
     if not opt.decay_vectors and leaf.ndim <= 1:
       return False
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     return not (skipped and skipped.search(name))
 
   return lambda params: jax.tree_util.tree_map_with_path(decays, params)

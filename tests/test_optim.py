@@ -106,7 +106,7 @@ def _decay_updates(name: str, **overrides) -> dict[str, np.ndarray]:
           "blocks": [{"relative_position_bias": jnp.zeros((9, 2)),
                       "mlp": {"kernel": jnp.zeros((3, 3))}}]}
   updates, _ = tx.update(zero, tx.init(params), params)
-  flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(u)
+  flat = {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(u)
           for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
   return {name: float(np.abs(u).max()) for name, u in flat.items()}
 
@@ -143,7 +143,7 @@ def _decays_by_name(config, **model_kwargs) -> dict[str, bool]:
       config.model, **model_kwargs, rngs=nnx.Rngs(params=0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   decays = optim.weight_decay_mask(config.optimizer)(params)
-  return {"/".join(str(getattr(k, "key", k)) for k in path): bool(d)
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): bool(d)
           for path, d in jax.tree_util.tree_flatten_with_path(decays)[0]}
 
 
