@@ -108,10 +108,10 @@ def image_classification_recipe(config: ConfigDict, data: str, *, epochs: int) -
   gradient clipping at 1, random crop (padding 4) + flip and label smoothing 0.1 on CIFAR-10;
   on MNIST (7,201 training digits) random crop with padding 2 and no flip (digits are not
   mirror-symmetric), 100 warmup steps: without the crop a tiny ViT stays near 91% there.
-  On CIFAR-10 also RandAugment (2 operations, magnitude 9, as DeiT's rand-m9), and weight
-  decay spares biases, normalization scales, position embeddings, class tokens and
-  position-bias tables, as DeiT's and Swin's recipes do; the MNIST recipe, whose runs are
-  recorded (experiments/results/classification.md), has neither."""
+  On CIFAR-10 also RandAugment (2 operations at magnitude 9: DeiT's rand-m9 without its
+  magnitude noise), and weight decay spares biases, normalization scales, position
+  embeddings, class tokens and position-bias tables, as DeiT's and Swin's recipes do; the
+  MNIST recipe, whose runs are recorded (experiments/results/classification.md), has neither."""
   if data not in ("cifar10", "mnist"):
     raise ValueError(f"image backbones train on cifar10 or mnist, got data={data!r}")
   cifar = data == "cifar10"
