@@ -13,17 +13,19 @@ Here, once per session (needs pip's package index):
 
 There, at the start of every command (carry=[".device_kit"]):
 
-  eval "$(python3 launch/device_kit.py unpack)" && python3 -m experiments.run ...
+  kit=$(python3 launch/device_kit.py unpack) && eval "$kit" && python3 -m experiments.run ...
 
-`unpack` extracts the data into /tmp/paperzoo_data once per machine (a later call finds them
-there), installs the wheels into /tmp/paperzoo_site, and prints the `export` lines that point
-PAPERZOO_DATA_DIR and PYTHONPATH at them. The data loaders check every file's sha256 when
+(not `eval "$(...)"`, whose status is eval's own: a failed unpack would not stop the run).
+`unpack` extracts the data into /tmp/paperzoo_data once per machine and archive (a later call
+with the same archive finds them there), installs the wheels into /tmp/paperzoo_site, and
+prints the `export` lines that point PAPERZOO_DATA_DIR and PYTHONPATH at them. The data loaders check every file's sha256 when
 they read it (`paperzoo.data.files`), so a damaged archive fails loudly there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import os
 import pathlib
@@ -70,13 +72,16 @@ def pack(data_dir: pathlib.Path, kit_dir: pathlib.Path, *, wheels: bool = True) 
 
 
 def unpack(kit_dir: pathlib.Path, data_dir: pathlib.Path, site_dir: pathlib.Path) -> str:
-  """Extracts the data (once) and installs the wheels; returns the shell lines to `eval`."""
-  marker = data_dir / ".unpacked"
-  if not marker.is_file():
+  """Extracts the data (once per archive) and installs the wheels; returns the shell lines to
+  `eval`."""
+  archive_path = kit_dir / DATA_ARCHIVE
+  digest = hashlib.sha256(archive_path.read_bytes()).hexdigest()
+  marker = data_dir / ".unpacked"  # holds the digest of the archive extracted there
+  if not marker.is_file() or marker.read_text() != digest:
     data_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(kit_dir / DATA_ARCHIVE, "r:xz") as archive:
+    with tarfile.open(archive_path, "r:xz") as archive:
       archive.extractall(data_dir, filter="data")
-    marker.touch()
+    marker.write_text(digest)
   wheel_files = sorted(str(p) for p in (kit_dir / "whl").glob("*.whl"))
   if wheel_files:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",

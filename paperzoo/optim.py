@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import optax
+from flax import nnx
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
@@ -57,12 +58,17 @@ def weight_decay_mask(opt: Any) -> Any:
                      f"{error}") from None
 
   def decays(path, leaf) -> bool:
-    if not opt.decay_vectors and leaf.ndim <= 1:
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    if not opt.decay_vectors and value.ndim <= 1:
       return False
     name = jax.tree_util.keystr(path, simple=True, separator="/")
     return not (skipped and skipped.search(name))
 
-  return lambda params: jax.tree_util.tree_map_with_path(decays, params)
+  # The trainer initialises the optimizer on nnx.Param variables (their sharding names carry
+  # over to the moments) and updates it on plain arrays: a variable is one leaf here, so both
+  # see the same paths.
+  return lambda params: jax.tree_util.tree_map_with_path(
+      decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:

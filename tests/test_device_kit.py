@@ -40,10 +40,16 @@ def test_pack_then_unpack_restores_every_file(tmp_path, monkeypatch):
   for relpath in originals:
     assert files.file_sha256(unpacked / relpath) == files.file_sha256(data / relpath)
 
-  # A later call on the same machine finds the data there and does not extract again.
+  # A later call on the same machine finds the data there and does not extract again...
   (unpacked / "ett" / "ETTh1.csv").write_text("edited")
   device_kit.unpack(kit, unpacked, site)
   assert (unpacked / "ett" / "ETTh1.csv").read_text() == "edited"
+  # ...unless the kit was packed anew since.
+  (data / "ett" / "ETTh2.csv").write_text("date,OT\n")
+  device_kit.pack(data, kit, wheels=False)
+  device_kit.unpack(kit, unpacked, site)
+  assert (unpacked / "ett" / "ETTh1.csv").read_text() == (data / "ett" / "ETTh1.csv").read_text()
+  assert (unpacked / "ett" / "ETTh2.csv").is_file()
 
 
 def test_pack_without_data_dir_says_where_it_looked(tmp_path):

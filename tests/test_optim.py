@@ -136,18 +136,22 @@ def test_weight_decay_pattern_must_be_a_regular_expression():
 
 
 def _decays_by_name(config, **model_kwargs) -> dict[str, bool]:
-  """Whether each parameter of `config`'s model decays, keyed by its path."""
+  """Whether each parameter of `config`'s model decays, keyed by its path. The trainer builds
+  the optimizer state on the nnx.Param variables and updates it on plain arrays: both must
+  get the same mask."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from paperzoo.registry import MODELS  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(lambda: MODELS.get(config.model.name)(
       config.model, **model_kwargs, rngs=nnx.Rngs(params=0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  decays = optim.weight_decay_mask(config.optimizer)(params)
+  variables = nnx.state(model, nnx.Param)
+  mask = optim.weight_decay_mask(config.optimizer)
+  decays = mask(nnx.to_pure_dict(variables))
+  assert jax.tree.leaves(mask(variables)) == jax.tree.leaves(decays)
   return {jax.tree_util.keystr(path, simple=True, separator="/"): bool(d)
           for path, d in jax.tree_util.tree_flatten_with_path(decays)[0]}
 
 
-@pytest.mark.parametrize("config_name", ["vit", "swin", "agent"])
+@pytest.mark.parametrize("config_name", ["vit", "swin", "agent", "poolformer"])
 def test_cifar10_recipe_spares_what_deit_and_swin_spare(config_name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{config_name}").get_config(
@@ -157,7 +161,7 @@ def test_cifar10_recipe_spares_what_deit_and_swin_spare(config_name):
   for name, d in by_name.items():
     leaf = name.rsplit("/", 1)[-1]
     if leaf in ("bias", "scale", "positions", "class_token", "relative_position_bias",
-                "agent_bias", "query_bias"):
+                "agent_bias", "query_bias", "layer_scales"):
       assert not d, name
     elif leaf == "kernel":
       assert d, name

