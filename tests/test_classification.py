@@ -151,6 +151,28 @@ def test_randaugment_runs_on_the_uint8_pixels_before_normalization():
                              (augmented.astype(np.float32) / 255.0 - 0.5) / 0.25, rtol=1e-6)
 
 
+def test_train_augmented_picture_shows_the_training_augmentation(tmp_path, monkeypatch):
+  from paperzoo import plots  # pylint: disable=g-import-not-at-top
+  from paperzoo.data import randaugment  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(1).integers(0, 256, (9, 10, 10, 1), dtype=np.uint8)
+  task = _task(kind="image")
+  split = classification_data.ArraySplit({"inputs": images, "label": np.zeros(9, np.int32)})
+  task.data = dataclasses.replace(task.data, train=split, image_mean=(0.4,), image_std=(0.3,))
+  task.randaugment_ops, task.randaugment_magnitude, task.augments = 2, 9, True
+  shown = {}
+  monkeypatch.setattr(plots, "image_grid",
+                      lambda grid, titles, path, **kw: shown.update(grid=grid, titles=titles)
+                      or path)
+  assert task.write_augmented(tmp_path / "a.png", num_images=4, draws=2) == tmp_path / "a.png"
+  grid = shown["grid"]
+  assert grid.shape == (12, 10, 10, 1) and grid.dtype == np.uint8
+  np.testing.assert_array_equal(grid[:4], images[:4])
+  for draw in (1, 2):  # no crop or flip here: each row is RandAugment's, back in pixels
+    np.testing.assert_array_equal(grid[4 * draw:4 * draw + 4], randaugment.rand_augment(
+        jnp.asarray(images[:4]), jax.random.fold_in(jax.random.key(draw - 1), 1)))
+  assert shown["titles"][:5] == ["original"] * 4 + ["draw 1"]
+
+
 def test_forecasting_data_is_refused_with_the_valid_names():
   config = ConfigDict({"data": {"name": "etth1"}, "task": common.classification_task()})
   with pytest.raises(ValueError, match="valid: cifar10, listops"):

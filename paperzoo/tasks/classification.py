@@ -82,13 +82,17 @@ class ClassificationTask:
     return dict(num_classes=self.data.num_classes, input_shape=self.data.input_shape,
                 vocab_size=self.data.vocab_size)
 
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """uint8 images -> float32 (x / 255 - mean) / std, per channel."""
+    mean = jnp.asarray(self.data.image_mean, jnp.float32)
+    std = jnp.asarray(self.data.image_std, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
   def inputs(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """What the model sees: the (normalized) inputs and, for variable lengths, the mask."""
     x = batch["inputs"]
     if self.data.kind == "image":
-      mean = jnp.asarray(self.data.image_mean, jnp.float32)
-      std = jnp.asarray(self.data.image_std, jnp.float32)
-      x = (x.astype(jnp.float32) / 255.0 - mean) / std
+      x = self.normalize(x)
     inputs = {"inputs": x}
     if "padding_mask" in batch:
       inputs["padding_mask"] = batch["padding_mask"]
@@ -102,26 +106,34 @@ class ClassificationTask:
       targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_classes
     return targets
 
+  def augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
+    """The training augmentation of uint8 images up to mixup: RandAugment on the pixels, then
+    normalization, random crop and flip. Returns normalized float32 images."""
+    from paperzoo.data import augment, randaugment  # pylint: disable=g-import-not-at-top
+    if self.randaugment_ops:
+      images = randaugment.rand_augment(images, jax.random.fold_in(key, 1),
+                                        num_ops=self.randaugment_ops,
+                                        magnitude=self.randaugment_magnitude)
+    x = self.normalize(images)
+    crop_key, flip_key, _ = jax.random.split(key, 3)  # the third is mixup's
+    if self.crop_padding:
+      x = augment.random_crop(x, crop_key, padding=self.crop_padding)
+    if self.flip:
+      x = augment.random_flip(x, flip_key)
+    return x
+
   def loss(self, model: Any, batch: dict[str, jax.Array], *, train: bool, rngs: Any
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    from paperzoo.data import augment, randaugment  # pylint: disable=g-import-not-at-top
-    augment_key = rngs.dropout() if train and self.augments else None
-    if augment_key is not None and self.randaugment_ops:
-      batch = dict(batch, inputs=randaugment.rand_augment(
-          batch["inputs"], jax.random.fold_in(augment_key, 1), num_ops=self.randaugment_ops,
-          magnitude=self.randaugment_magnitude))
     inputs = self.inputs(batch)
     targets = self.targets(batch["label"])
-    if augment_key is not None:
-      crop_key, flip_key, mixup_key = jax.random.split(augment_key, 3)
-      x = inputs["inputs"]
-      if self.crop_padding:
-        x = augment.random_crop(x, crop_key, padding=self.crop_padding)
-      if self.flip:
-        x = augment.random_flip(x, flip_key)
+    if train and self.augments:
+      from paperzoo.data import augment  # pylint: disable=g-import-not-at-top
+      key = rngs.dropout()
+      inputs["inputs"] = self.augment(batch["inputs"], key)
       if self.mixup_alpha:
-        x, targets = augment.mixup(x, targets, mixup_key, alpha=self.mixup_alpha)
-      inputs["inputs"] = x
+        inputs["inputs"], targets = augment.mixup(inputs["inputs"], targets,
+                                                  jax.random.split(key, 3)[2],
+                                                  alpha=self.mixup_alpha)
     logits = model(inputs, train=train, rngs=rngs)
     loss = jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -165,6 +177,8 @@ class ClassificationTask:
     inputs = test.arrays["inputs"][shown]
     if self.data.kind == "image":
       paths.append(plots.image_grid(inputs, titles, workdir / "examples.png"))
+      if self.augments:
+        paths.append(self.write_augmented(workdir / "train_augmented.png"))
     elif self.data.name in ("pathfinder", "lra_image"):
       side = int(round(np.sqrt(inputs.shape[1])))
       paths.append(plots.image_grid(inputs.reshape(-1, side, side).astype(np.uint8), titles,
@@ -179,3 +193,19 @@ class ClassificationTask:
         path.write_text("\n".join(lines) + "\n")
       paths.append(path)
     return paths
+
+  def write_augmented(self, path: pathlib.Path, *, num_images: int = 8, draws: int = 3
+                      ) -> pathlib.Path:
+    """A few training images (first row) and `draws` draws of the training augmentation
+    before mixup (`augment`), shown back in pixels."""
+    originals = jnp.asarray(self.data.train.arrays["inputs"][:num_images])
+    mean = np.asarray(self.data.image_mean, np.float32)
+    std = np.asarray(self.data.image_std, np.float32)
+    rows = [np.asarray(originals)]
+    for draw in range(draws):
+      x = np.asarray(self.augment(originals, jax.random.key(draw)))
+      rows.append(np.clip(np.round((x * std + mean) * 255.0), 0, 255).astype(np.uint8))
+    titles = [f"{'original' if r == 0 else f'draw {r}'}" for r in range(draws + 1)
+              for _ in range(len(originals))]
+    return plots.image_grid(np.concatenate(rows), titles, path, columns=len(originals),
+                            title=f"{self.data.name}: training augmentation")
