@@ -9,6 +9,8 @@ run's key (its workdir below the grid's root, e.g. `protocol/mnist/swin/seed2021
 - `results`: the run's `results.json` as the trainer wrote it;
 - `config_digest`: a digest of the config it was trained with (keys that change nothing are
   left out, see `IGNORED_CONFIG_KEYS`), so a run whose config changed since still reads as stale;
+  a change to a model's code that changes its numbers raises the config's `model.revision`
+  (0 where absent), which makes the runs recorded before it stale the same way;
 - `finished` (unix time of `results.json`), `commit` (paperzoo's commit when it was recorded)
   and `command` (the `experiments.run` command that trains it alone);
 - `recovered` (only some records): where the record was rebuilt from when its workdir was lost
@@ -48,7 +50,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # saved config without the key equals today's config at this default (and only at it).
 ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
                          "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": "",
-                         "task.randaugment_ops": 0, "task.randaugment_magnitude": 9}
+                         "task.randaugment_ops": 0, "task.randaugment_magnitude": 9,
+                         "model.revision": 0}
 
 
 def _compared(config: dict[str, Any]) -> dict[str, Any]:

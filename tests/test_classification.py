@@ -213,6 +213,30 @@ def test_patch_merging_concatenates_each_2x2_group():
   np.testing.assert_allclose(y[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_group_norm_normalizes_each_example_over_tokens_and_channels():
+  x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (2, 5, 6)), jnp.float32)
+  x = x.at[1].multiply(10.0)  # the second example on another scale
+  y = np.asarray(metaformer.token_norm("group", 6, rngs=nnx.Rngs(0))(x))
+  flat = np.asarray(x).reshape(2, -1)
+  expected = (flat - flat.mean(1, keepdims=True)) / np.sqrt(flat.var(1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(y.reshape(2, -1), expected, rtol=1e-4, atol=1e-5)
+  per_token = np.asarray(metaformer.token_norm("layer", 6, rngs=nnx.Rngs(0))(x))
+  assert not np.allclose(per_token, y, atol=1e-2)
+  with pytest.raises(ValueError, match="unknown model.norm 'batch'; valid: layer, group"):
+    metaformer.token_norm("batch", 6, rngs=nnx.Rngs(0))
+
+
+def test_poolformer_config_uses_group_norm_and_refuses_padded_sequences():
+  from experiments.configs import poolformer  # pylint: disable=g-import-not-at-top
+  config = poolformer.get_config("data=mnist")
+  model = MODELS.get("poolformer")(config.model, num_classes=10, input_shape=(28, 28, 1),
+                                   rngs=nnx.Rngs(0))
+  block = model.stages[0].blocks[0]
+  assert isinstance(block.norm1, nnx.GroupNorm) and isinstance(model.norm, nnx.GroupNorm)
+  with pytest.raises(ValueError, match="not padded sequences"):
+    block(jnp.zeros((1, 4, 32)), grid=(2, 2), mask=jnp.ones((1, 4), bool), train=False)
+
+
 def test_drop_path_drops_whole_examples_and_keeps_the_mean():
   x = jnp.ones((4000, 3, 2))
   y = metaformer.drop_path(x, 0.25, train=True, rngs=nnx.Rngs(dropout=0))

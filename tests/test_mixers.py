@@ -372,7 +372,8 @@ def _agent_reference(mixer, x: np.ndarray, grid, mask) -> np.ndarray:
   n = mixer.agent_num
 
   def resized(table):
-    return np.asarray(jax.image.resize(table[...], table.shape[:2] + layout, "bilinear"),
+    return np.asarray(jax.image.resize(table[...], table.shape[:2] + layout, "bilinear",
+                                       antialias=False),
                       np.float64).reshape(HEADS, n, num_tokens)
 
   bias_1, bias_2 = resized(mixer.agent_bias), resized(mixer.query_bias).transpose(0, 2, 1)

@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "mlp_ratio": 4.0, "dropout": 0.0, "drop_path": 0.0 if tiny else 0.1,
       "layer_scale_init": 0.0, "init": "lecun", "agent_num": 9 if tiny else 16,
       "window_size": 7 if tiny else 4,
+      # Raised when a change to the model's code changes its numbers, so that runs recorded
+      # before read as stale (experiments/run_ledger.py). 1: norm before the final pooling.
+      "revision": 1,
   })
   common.image_classification_recipe(config, arg.data,
                                      epochs=arg.epochs or (40 if arg.data == "mnist" else 200))

@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "layer_scale_init": 0.0, "init": "lecun",
       "routing_regions": 1 if tiny else 2, "routing_topk": 1 if tiny else 2,
       "agent_num": 9 if tiny else 16,
+      # Raised when a change to the model's code changes its numbers, so that runs recorded
+      # before read as stale (experiments/run_ledger.py). 1: norm before the final pooling.
+      "revision": 1,
   })
   common.image_classification_recipe(config, arg.data,
                                      epochs=arg.epochs or (40 if arg.data == "mnist" else 200))

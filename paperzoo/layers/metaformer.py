@@ -7,6 +7,9 @@ pre-norm residual form every backbone here uses:
     X' = X + DropPath(LayerScale_1(TokenMixer(Norm(X))))
     Y  = X' + DropPath(LayerScale_2(W_2 act(W_1 Norm(X'))))      W_1: d -> mlp_ratio d
 
+Norm is LayerNorm over each token's channels, or with `norm="group"` PoolFormer's GroupNorm
+with one group: statistics over all tokens and channels of an example, a scale and bias per
+channel (images only: no padding mask).
 TokenMixer is `paperzoo.layers.mixers.make_mixer(name, ...)`: attention (ViT), pooling
 (PoolFormer), shifted windows (Swin), agent attention, bi-level routing (BiFormer), linear
 attention, bidirectional Mamba. LayerScale multiplies by a learned per-channel vector started
@@ -35,7 +38,21 @@ from flax import nnx
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense
 from paperzoo.layers.mixers import make_mixer
-from paperzoo.layers.transformer import activation_fn, layer_norm
+from paperzoo.layers.transformer import LAYER_NORM_EPS, activation_fn, layer_norm
+
+NORMS = ("layer", "group")
+
+
+def token_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The norm of tokens [B, N, d] (module docstring): "layer" or "group" (GroupNorm(1))."""
+  if kind == "layer":
+    return layer_norm(d_model, rngs=rngs)
+  if kind == "group":
+    return nnx.GroupNorm(
+        d_model, num_groups=1, epsilon=LAYER_NORM_EPS, use_fast_variance=False,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+  raise ValueError(f"unknown model.norm {kind!r}; valid: {', '.join(NORMS)}")
 
 
 def drop_path(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -56,9 +73,10 @@ class MetaFormerBlock(nnx.Module):
     mlp_ratio = config.get("mlp_ratio", 4)
     self.activation = config.get("activation", "gelu")
     activation_fn(self.activation)
-    self.norm1 = layer_norm(d_model, rngs=rngs)
+    self.norm_kind = config.get("norm", "layer")
+    self.norm1 = token_norm(self.norm_kind, d_model, rngs=rngs)
     self.mixer = make_mixer(mixer, d_model, config, layer_index=layer_index, rngs=rngs)
-    self.norm2 = layer_norm(d_model, rngs=rngs)
+    self.norm2 = token_norm(self.norm_kind, d_model, rngs=rngs)
     self.mlp_in = dense(d_model, int(mlp_ratio * d_model), names=("embed", "mlp"), init=init,
                         rngs=rngs)
     self.mlp_out = dense(int(mlp_ratio * d_model), d_model, names=("mlp", "embed"), init=init,
@@ -75,6 +93,9 @@ class MetaFormerBlock(nnx.Module):
   def __call__(self, x: jax.Array, *, grid: tuple[int, int] | None = None,
                mask: jax.Array | None = None, train: bool,
                rngs: nnx.Rngs | None = None) -> jax.Array:
+    if mask is not None and self.norm_kind == "group":
+      raise ValueError("model.norm='group' normalizes over all tokens, padding included: "
+                       "use it for images, not padded sequences")
     mixed = self.mixer(self.norm1(x), grid=grid, mask=mask, train=train, rngs=rngs)
     mixed = self.dropout(mixed, deterministic=not train, rngs=rngs)
     x = x + drop_path(self._scaled(mixed, 0), self.drop_path_rate, train=train, rngs=rngs)
@@ -245,7 +266,7 @@ class HierarchicalBackbone(nnx.Module):
     self.grids = tuple(grids)
     self.downsamples = nnx.List(downsamples)
     self.stages = nnx.List(stages)
-    self.norm = layer_norm(dims[-1], rngs=rngs)
+    self.norm = token_norm(config.get("norm", "layer"), dims[-1], rngs=rngs)
     self.head = dense(dims[-1], num_classes, names=("embed", None),
                       init=config.get("init", "lecun"), rngs=rngs)
 
@@ -256,4 +277,5 @@ class HierarchicalBackbone(nnx.Module):
       if s:
         x, grid = self.downsamples[s - 1](x, grid)
       x = stage(x, grid=grid, mask=None, train=train, rngs=rngs)
-    return self.head(self.norm(jnp.mean(x, axis=1)))
+    # Norm, then average over the tokens, as Swin, PoolFormer and BiFormer do.
+    return self.head(jnp.mean(self.norm(x), axis=1))

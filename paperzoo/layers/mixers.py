@@ -86,10 +86,10 @@ Attention", ECCV 2024, Eq. 3-4, Sec. 4.2), n = agent_num agent tokens A = pool(Q
   Position biases, simplified: the paper adds to a [heads, n, 7, 7] table, bilinearly resized to
   the grid, row and column biases sized for one fixed resolution; since a mixer here does not
   know its grid until called, B_1 and B_2 are only the resized tables: two learned
-  [heads, n, 7, 7] tables (trunc. normal 0.02) resized with `jax.image.resize(..., "bilinear")`
-  to [heads, n, H, W] (B_1[h, a, token]; B_2 is its transpose [h, token, a]); a 1-D sequence
-  resizes them to a 1 x N grid (the resize's antialiasing takes a weighted average of the 7
-  rows).
+  [heads, n, 7, 7] tables (trunc. normal 0.02) resized bilinearly without antialiasing (as
+  PyTorch's F.interpolate, which the paper's code uses) to [heads, n, H, W] (B_1[h, a, token];
+  B_2 is its transpose [h, token, a]); a 1-D sequence resizes them to a 1 x N grid, which
+  reads the middle of the 7 rows.
 
 "biformer": BiFormer bi-level routing attention (Zhu et al., "BiFormer: Vision Transformer with
 Bi-Level Routing Attention", CVPR 2023, Sec. 3.2, Eq. 2-6): the H x W grid is split into S x S
@@ -479,7 +479,8 @@ class AgentAttentionMixer(_ProjectedHeads):
 
   def position_bias(self, table: jax.Array, layout: tuple[int, int]) -> jax.Array:
     """A [heads, n, 7, 7] table resized to the token layout (H, W): [heads, n, H W]."""
-    resized = jax.image.resize(table, table.shape[:2] + tuple(layout), method="bilinear")
+    resized = jax.image.resize(table, table.shape[:2] + tuple(layout), method="bilinear",
+                               antialias=False)
     return resized.reshape(table.shape[:2] + (-1,))
 
   def pool_members(self, grid: tuple[int, int] | None, num_tokens: int) -> np.ndarray:
