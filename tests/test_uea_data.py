@@ -237,13 +237,16 @@ def test_a_hand_written_file_with_missing_values_and_variable_lengths(tmp_path):
   np.testing.assert_allclose(split.stats.mean, np.nanmean(values, 0), rtol=1e-6)
 
 
-def test_a_constant_channel_is_floored_not_divided_by_zero(tmp_path):
-  text = "@dimensions 2\n@classLabel true a b\n@data\n" + "".join(
+def test_a_constant_channel_is_only_centred(tmp_path):
+  # Tab-separated header keywords parse too.
+  train = "@dimensions\t2\n@classLabel\ttrue a b\n@data\n" + "".join(
       f"1,1,1:{i},{i + 1},{i + 2}:{'ab'[i % 2]}\n" for i in range(6))
-  _write_set(tmp_path, "Flat", text, text)
+  test = train.replace("1,1,1:0,", "1,1,4:0,")  # one test value off the constant
+  _write_set(tmp_path, "Flat", train, test)
   data = uea.load_uea("Flat", root=tmp_path)
-  assert data.stats.std[0] == pytest.approx(uea.STD_FLOOR)
-  assert (data.test.inputs[..., 0] == 0).all() and np.isfinite(data.test.inputs).all()
+  assert data.stats.std[0] == 1.0
+  assert (data.train.inputs[..., 0] == 0).all() and np.isfinite(data.test.inputs).all()
+  assert data.test.inputs[..., 0].max() == pytest.approx(3.0)  # 4 - 1, not 3 / 1e-8
 
 
 @pytest.mark.parametrize("body, message", [

@@ -65,7 +65,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.train.num_epochs = 100
   config.train.patience = 10
   # Validation sets of 3 to 54 series tie often: a tie with a lower validation loss counts as
-  # an improvement. The legacy protocol keeps Time-Series-Library's rule (ties keep the earlier).
+  # an improvement. The legacy protocol keeps the earlier checkpoint on a tie, as its recorded
+  # runs did; Time-Series-Library's EarlyStopping (with delta 0) keeps the later one and
+  # resets its patience, so that rule is not yet theirs (to change together with a rerun).
   config.train.selection_tie_break = "" if arg.legacy_test_selection else "loss"
   config.train.log_every_steps = 10
   config.optimizer.name = "adam"

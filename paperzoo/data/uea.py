@@ -62,8 +62,9 @@ from paperzoo.data.files import DataFileError, data_file
 UEA_DATASETS = ("AtrialFibrillation", "BasicMotions", "Handwriting", "JapaneseVowels")
 
 _MISSING_TOKENS = frozenset({"?", "nan", "NaN", "NAN"})
-# A channel whose training values are all equal has std 0; dividing by the floor instead maps it
-# to 0 everywhere it equals the training value, rather than to inf/NaN that would poison training.
+# A channel whose training values are all equal has std 0: below this floor the channel is only
+# centred (std 1, as scikit-learn's StandardScaler does), so a validation or test value that
+# differs from the training value stays on its own scale instead of growing by 1 / floor.
 STD_FLOOR = 1e-8
 
 
@@ -154,8 +155,8 @@ def read_ts(path: str | os.PathLike) -> TsFile:
       if not in_data:
         if not line.startswith("@"):
           raise ValueError(f"{where}: a data line before the @data header (missing @data?)")
-        keyword, _, rest = line[1:].partition(" ")
-        keyword, rest = keyword.lower(), rest.strip()
+        keyword, *rest = line[1:].split(None, 1)  # a space or a tab after the keyword
+        keyword, rest = keyword.lower(), rest[0].strip() if rest else ""
         if keyword == "data":
           in_data = True
           if class_names is None:
@@ -293,7 +294,7 @@ def fit_stats(series: list[np.ndarray], num_channels: int) -> NormStats:
   std = np.sqrt(var)
   std = np.where(count > 0, std, 1.0)
   return NormStats(mean=mean.astype(np.float32),
-                   std=np.maximum(std, STD_FLOOR).astype(np.float32))
+                   std=np.where(std < STD_FLOOR, 1.0, std).astype(np.float32))
 
 
 def _make_split(series: list[np.ndarray], labels: np.ndarray, rows: np.ndarray, source: str,

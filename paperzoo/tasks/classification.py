@@ -14,8 +14,9 @@ task turns them into what the model takes and scores the logits:
 
 The model sees `{"inputs": x, "padding_mask": m}` (the mask only where the data has one) and
 returns logits [B, num_classes]. Loss: softmax cross-entropy, optionally with label smoothing
-(targets (1 - s) one-hot + s / num_classes). Model selection: validation accuracy (ties keep
-the earlier checkpoint). Scores: accuracy and mean cross-entropy over every example of a split.
+(targets (1 - s) one-hot + s / num_classes). Model selection: validation accuracy (a tie keeps
+the earlier checkpoint unless `train.selection_tie_break` says otherwise). Scores: accuracy and
+mean cross-entropy over every example of a split.
 
 Config keys (`config.task`):
   label_smoothing  (float, 0.0)  s above
