@@ -95,10 +95,10 @@ def base_config() -> ConfigDict:
   # Early stopping: stop after this many evaluations without a better validation metric
   # (0 disables). The metric and its direction come from the task.
   config.train.patience = 3
-  # Ties in the validation metric: "" keeps the earlier checkpoint (Time-Series-Library's early
-  # stopping, a strict improvement); "loss": an evaluation with an equal metric and a lower
-  # validation loss counts as an improvement (best checkpoint, patience), which matters where a
-  # tiny validation set makes accuracy ties common (UEA).
+  # Ties in the validation metric: "" keeps the earlier checkpoint (a strict improvement);
+  # "later": every tie counts as an improvement (best checkpoint, patience), as in
+  # Time-Series-Library's EarlyStopping with delta 0; "loss": a tie with a lower validation loss
+  # counts. Ties matter where a tiny validation set makes accuracy ties common (UEA).
   config.train.selection_tie_break = ""
   # Split each batch into this many micro-batches and average their gradients before one
   # update: less memory, and the full batch's gradient for models without batch statistics

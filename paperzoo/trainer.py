@@ -92,9 +92,9 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
                      f"({len(train_set)} examples)")
   total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * steps_per_epoch
   tie_break = config.train.selection_tie_break
-  if tie_break not in ("", "loss"):
+  if tie_break not in ("", "later", "loss"):
     raise ValueError(f"train.selection_tie_break={tie_break!r}; valid: '' (ties keep the "
-                     "earlier checkpoint) or 'loss'")
+                     "earlier checkpoint), 'later' (ties keep the later one) or 'loss'")
   eval_every = int(config.train.eval_every_steps) or steps_per_epoch
   data_order = DataOrder(config.seed, len(train_set), batch_size, steps_per_epoch)
 
@@ -321,8 +321,9 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
 def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_break: str
               ) -> bool:
   """Whether validation metrics `val` beat the best so far (`record`): a better selection
-  metric, or with `tie_break` "loss" an equal one and a lower validation loss."""
-  if tie_break and "loss" not in val:  # (checked at the first evaluation, not at a late tie)
+  metric, or an equal one where `tie_break` is "later" (any tie) or "loss" (a tie with a lower
+  validation loss)."""
+  if tie_break == "loss" and "loss" not in val:  # (checked at the first evaluation, not at a late tie)
     raise ValueError(f"train.selection_tie_break='loss', but the {type(task).__name__} "
                      f"reports no validation loss (it reports {', '.join(val)})")
   best = record["best_metric"]
@@ -331,8 +332,8 @@ def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_brea
     return True
   if metric != best:
     return metric < best if task.selection_mode == "min" else metric > best
-  if not tie_break:
-    return False
+  if tie_break != "loss":
+    return tie_break == "later"
   best_loss = (record.get("best_val") or {}).get("loss")  # (records of older runs lack it)
   return best_loss is not None and val["loss"] < best_loss
 

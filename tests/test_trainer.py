@@ -149,11 +149,15 @@ def test_improvement_and_the_loss_tie_break():
   assert improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5, 1.0), _Accuracy(), "loss")
   assert not improves({"accuracy": 0.5, "loss": 1.0}, _record(0.5, 1.0), _Accuracy(), "loss")
   assert not improves({"accuracy": 0.5, "loss": 0.9}, _record(0.5), _Accuracy(), "loss")
+  # "later" (Time-Series-Library's EarlyStopping with delta 0): any tie moves the checkpoint on.
+  assert improves({"accuracy": 0.5, "loss": 2.0}, _record(0.5, 1.0), _Accuracy(), "later")
+  assert improves({"mse": 0.5}, _record(0.5), _MSE(), "later")
+  assert not improves({"mse": 0.6}, _record(0.5), _MSE(), "later")
   with pytest.raises(ValueError, match="reports no validation loss"):
     improves({"mse": 0.5}, _record(None), _MSE(), "loss")  # at the first evaluation
 
 
-@pytest.mark.parametrize("tie_break", ["", "loss"])
+@pytest.mark.parametrize("tie_break", ["", "later", "loss"])
 def test_selection_tie_break_picks_the_checkpoint_and_counts_patience(tmp_path, tie_break):
   """BasicMotions' validation set is 8 series, so its accuracy ties between evaluations."""
   config = uea.get_config("subset=BasicMotions,model=itransformer,seed=2023")
@@ -164,9 +168,11 @@ def test_selection_tie_break_picks_the_checkpoint_and_counts_patience(tmp_path, 
   top = max(r["accuracy"] for r in val)
   tied = [r for r in val if r["accuracy"] == top]
   assert len(tied) > 1  # the case the tie-break is for
-  # Without it the first evaluation at the top accuracy is kept, with it the lowest loss there
-  # (the earliest of equal losses); patience counts from that evaluation.
-  best = min(tied, key=lambda r: r["loss"]) if tie_break else tied[0]
+  # Without a tie-break the first evaluation at the top accuracy is kept, with "later" the last
+  # one, with "loss" the lowest loss there (the earliest of equal losses); patience counts from
+  # that evaluation.
+  best = {"": tied[0], "later": tied[-1],
+          "loss": min(tied, key=lambda r: r["loss"])}[tie_break]
   assert results["best_step"] == best["step"]
   assert val[-1]["step"] in (best["step"] + 3 * 2, 24)  # patience 3 evaluations, or the end
 

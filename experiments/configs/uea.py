@@ -22,6 +22,7 @@ UEA scripts vary per set; these are one setting for all four). Our validation pr
 accuracy ties by validation loss (`train.selection_tie_break`): with 8 validation series
 (BasicMotions) the accuracy is often flat for epochs, and keeping the first checkpoint at the
 top accuracy stopped one iTransformer seed at epoch 11 with its epoch-1 weights (60% test).
+The legacy protocol keeps Time-Series-Library's rule: a tie keeps the later checkpoint.
 """
 
 from experiments.configs import common
@@ -65,10 +66,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.train.num_epochs = 100
   config.train.patience = 10
   # Validation sets of 3 to 54 series tie often: a tie with a lower validation loss counts as
-  # an improvement. The legacy protocol keeps the earlier checkpoint on a tie, as its recorded
-  # runs did; Time-Series-Library's EarlyStopping (with delta 0) keeps the later one and
-  # resets its patience, so that rule is not yet theirs (to change together with a rerun).
-  config.train.selection_tie_break = "" if arg.legacy_test_selection else "loss"
+  # an improvement. The legacy protocol follows Time-Series-Library's EarlyStopping (delta 0):
+  # a tie keeps the later checkpoint and resets the patience.
+  config.train.selection_tie_break = "later" if arg.legacy_test_selection else "loss"
   config.train.log_every_steps = 10
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-3
