@@ -323,7 +323,7 @@ def _improves(val: dict[str, float], record: dict[str, Any], task: Any, tie_brea
   """Whether validation metrics `val` beat the best so far (`record`): a better selection
   metric, or an equal one where `tie_break` is "later" (any tie) or "loss" (a tie with a lower
   validation loss)."""
-  if tie_break == "loss" and "loss" not in val:  # (checked at the first evaluation, not at a late tie)
+  if tie_break == "loss" and "loss" not in val:  # (found at the first evaluation)
     raise ValueError(f"train.selection_tie_break='loss', but the {type(task).__name__} "
                      f"reports no validation loss (it reports {', '.join(val)})")
   best = record["best_metric"]
