@@ -279,22 +279,15 @@ def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = gr
   """Records the finished workdirs in the report's ledger, then rewrites the whole table
   (every model of `report_models(models)`, every data set, `report_seeds(seeds)`) from the
   workdirs and the ledger; returns write_report's paths."""
-  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
   models, seeds = report_models(models), grids.report_seeds(seeds)
-  ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
-                   ledger=ledger))
-  rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
   command = reproduce_command(models, list(PROTOCOL), seeds=seeds, horizons=None,
                               workdir=workdir, fast=fast)
-  return write_report(rows, report, command=command, fast=fast)
-
-
-
-
-
-
-
-
+  with run_ledger.report_lock(report):
+    ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+    ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
+                     ledger=ledger))
+    rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+    return write_report(rows, report, command=command, fast=fast)
 
 
 def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,

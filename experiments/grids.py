@@ -20,6 +20,7 @@ run class: `forecasting_grid.Run`, `classification_grid.ClassificationRun`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -186,7 +187,7 @@ def run_state(run: Any) -> RunState:
 # ---------------------------------------------------------------------------------------------
 # Training and reports.
 
-OUTCOMES = ("trained", "skipped", "unsupported", "stale", "failed", "preempted")
+OUTCOMES = ("trained", "skipped", "busy", "unsupported", "stale", "failed", "preempted")
 
 
 def train_runs(grid_runs: Sequence[Any], *,
@@ -204,43 +205,55 @@ def train_runs(grid_runs: Sequence[Any], *,
   outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
   for index, run in enumerate(grid_runs, 1):
     name = f"[{index}/{len(grid_runs)}] {describe(run)}"
-    state = run_state(run)
-    if state.status == "done":
-      outcome["skipped"].append(run)
-      log(f"{name}: finished before, skipped ({run.workdir})")
-      continue
-    if state.status in REFUSED:
-      outcome["unsupported"].append(run)
-      log(f"{name}: {state.status}: {state.detail}")
-      continue
-    if state.status == "stale":
-      if not rerun_stale:
-        outcome["stale"].append(run)
-        log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
+    with claim_run(run.workdir) as claimed:
+      if not claimed:
+        outcome["busy"].append(run)
+        log(f"{name}: another process is training it, skipped ({run.workdir})")
         continue
-      if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
-        _move_aside(run.workdir)
-    log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
-                                                   else ""))
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-      results = train_fn(run.config(), run.workdir)
-    except Exception:  # pylint: disable=broad-except  (recorded; the grid goes on)
-      (run.workdir / "error.txt").write_text(f"{run.command}\n\n{traceback.format_exc()}")
-      outcome["failed"].append(run)
-      log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")
+      state = run_state(run)
+      if state.status == "done":
+        outcome["skipped"].append(run)
+        log(f"{name}: finished before, skipped ({run.workdir})")
+        continue
+      if state.status in REFUSED:
+        outcome["unsupported"].append(run)
+        log(f"{name}: {state.status}: {state.detail}")
+        continue
+      if state.status == "stale":
+        if not rerun_stale:
+          outcome["stale"].append(run)
+          log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
+          continue
+        if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
+          _move_aside(run.workdir)
+      log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
+                                                     else ""))
+      run.workdir.mkdir(parents=True, exist_ok=True)
+      try:
+        results = train_fn(run.config(), run.workdir)
+      except Exception:  # pylint: disable=broad-except  (recorded; the grid goes on)
+        (run.workdir / "error.txt").write_text(f"{run.command}\n\n{traceback.format_exc()}")
+        outcome["failed"].append(run)
+        log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")
+        write()
+        continue
+      if results.get("status") == "preempted":
+        outcome["preempted"].append(run)
+        log(f"{name}: preempted at step {results.get('step')}; run again to resume")
+        break
+      (run.workdir / "error.txt").unlink(missing_ok=True)
+      outcome["trained"].append(run)
+      log(f"{name}: {summarize(results)}")
       write()
-      continue
-    if results.get("status") == "preempted":
-      outcome["preempted"].append(run)
-      log(f"{name}: preempted at step {results.get('step')}; run again to resume")
-      break
-    (run.workdir / "error.txt").unlink(missing_ok=True)
-    outcome["trained"].append(run)
-    log(f"{name}: {summarize(results)}")
-    write()
   write()
   return outcome
+
+
+def claim_run(workdir: pathlib.Path) -> contextlib.AbstractContextManager[bool]:
+  """Held while a grid trains the run in `workdir` (`.<name>.lock` beside it, so it outlives
+  `_move_aside`). Yields False when another process holds it: several processes given the same
+  grid (one per core or per GPU) then share its runs out, each training the next free one."""
+  return run_ledger.file_lock(workdir.parent / f".{workdir.name}.lock", wait=False)
 
 
 def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
@@ -261,12 +274,13 @@ def update_entry_report(grid: Any, chosen: Sequence[Any], *, seeds: int | Sequen
   ledger; returns write_report's paths."""
   chosen = grid.entries({e.key for e in chosen} | set(grid.CPU_KEYS))
   seeds = report_seeds(seeds)
-  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-  ledger.sync(grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
-  rows = grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
   command = grid.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
                                    fast=fast)
-  return grid.write_report(rows, report, command=command, fast=fast)
+  with run_ledger.report_lock(report):
+    ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+    ledger.sync(grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
+    rows = grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+    return grid.write_report(rows, report, command=command, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------

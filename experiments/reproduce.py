@@ -21,6 +21,16 @@ report covers its whole table (all models; for classification and generation eve
 and the ones named) with at least seeds 2021-2023, so a run of a few entries or one seed
 updates its rows and leaves the others as they were.
 
+Several processes may work on one grid at once: give each the same command (one per GPU, or
+one per core where a single run uses several cores poorly). A run being trained holds a lock
+(`grids.claim_run`), so the others pass over it to the next free run ("busy" in their
+summary), and each takes the report's lock before it rewrites the report and ledger
+(`run_ledger.report_lock`). On a 2-core CPU, for example:
+
+  export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  taskset -c 0 python -m experiments.reproduce classification --entries=lra/listops &
+  taskset -c 1 python -m experiments.reproduce classification --entries=lra/listops &
+
   python -m experiments.reproduce classification [--entries=uea,mnist,lra/listops]
       [--seeds=3] [--workdir=/tmp/paperzoo_reproduce_classification]
       [--report=experiments/results/classification.md]

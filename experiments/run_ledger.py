@@ -22,13 +22,15 @@ and add every finished workdir to the ledger when they write their report (`Ledg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import subprocess
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -82,6 +84,33 @@ def ledger_path(report: str | os.PathLike) -> pathlib.Path:
   """`experiments/results/classification.md` -> `experiments/results/classification_runs.jsonl`."""
   report = pathlib.Path(report)
   return report.with_name(f"{report.stem}_runs.jsonl")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
+  """An exclusive POSIX `flock` on `path` (created if missing, never removed: deleting it while
+  a process waits on it would let a third lock a new file). Yields True once held; with
+  `wait=False`, yields False at once if another process holds it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def report_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[bool]:
+  """Held while one process rewrites a report and its ledger (`.<report name>.lock` beside
+  it). Processes that train different runs of one table at once each take it, then read the
+  ledger, so neither drops the other's records."""
+  path = pathlib.Path(path)
+  return file_lock(path.with_name(f".{path.name}.lock"))
 
 
 def current_commit() -> str:

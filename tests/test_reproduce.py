@@ -184,6 +184,30 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path):
   assert "failed" in rows[0].notes[0]
 
 
+def test_processes_given_the_same_grid_share_its_runs(tmp_path):
+  # Another process trains seed 2021 (it holds that run's lock): this one leaves it and trains
+  # seed 2022; once the lock is free, the same call trains seed 2021.
+  runs = grid.runs(["dlinear"], ["etth1"], seeds=2, horizons=[96], workdir=tmp_path, fast=True)
+  trained = []
+
+  def train(config, workdir):
+    trained.append(config.seed)
+    fake_finished(next(r for r in runs if r.workdir == pathlib.Path(workdir)), 0.4, 0.4)
+    return {"status": "done", "test": {"mse": 0.4, "mae": 0.4}}
+
+  kwargs = dict(seeds=2, horizons=[96], workdir=tmp_path, fast=True, train_fn=train,
+                log=lambda _: None)
+  with grids.claim_run(runs[0].workdir) as claimed:
+    assert claimed
+    outcome = grid.run_forecasting(["dlinear"], ["etth1"], **kwargs)
+  assert trained == [2022]
+  assert [r.key for r in outcome["busy"]] == [runs[0].key]
+  assert grids.run_state(runs[0]).status == "not run"
+  outcome = grid.run_forecasting(["dlinear"], ["etth1"], **kwargs)
+  assert trained == [2022, 2021]
+  assert [r.key for r in outcome["skipped"]] == [runs[1].key] and not outcome["busy"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The table's arithmetic, on results written by hand.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -143,6 +144,31 @@ def test_generation_report_keeps_the_picture_copies_of_recorded_runs(tmp_path):
   generation_grid.update_report(chosen, seeds=1, workdir=workdir, report=report)
   line = lambda text: next(l for l in text.splitlines() if l.startswith("| mnist/dit/flow |"))
   assert line(report.read_text()) == line(first)
+
+
+def test_two_grids_writing_one_report_wait_for_each_other(tmp_path):
+  # Two processes train seeds 2021 and 2022 of one table (`--seed_list`). Seed 2022's report
+  # update must wait while seed 2021's holds the lock, then read the ledger afresh: had it read
+  # the ledger before, its rewrite would drop seed 2021's record, here the only trace of that
+  # run (its workdir is gone).
+  workdir, report = tmp_path / "runs", tmp_path / "forecasting.md"
+  run_a, run_b = grid.runs(["dlinear"], ["etth1"], seeds=2, horizons=[96], workdir=workdir)
+  fake_finished(run_a, 0.38, 0.40)
+  fake_finished(run_b, 0.39, 0.41)
+  writer = threading.Thread(target=grid.update_report, args=(["dlinear"],),
+                            kwargs=dict(seeds=[2022], workdir=workdir, report=report))
+  with run_ledger.report_lock(report):
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive(), "the second report update did not wait for the lock"
+    run_ledger.Ledger(run_ledger.ledger_path(report)).sync([run_a])
+    shutil.rmtree(run_a.workdir)
+  writer.join(timeout=60)
+  assert not writer.is_alive()
+  ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+  assert ledger.get(run_a.key).results["test"]["mse"] == 0.38
+  assert ledger.get(run_b.key).results["test"]["mse"] == 0.39
+  assert dlinear_cell(read_csv(report.with_suffix(".csv")))["mse_mean"] == "0.385"
 
 
 def test_a_corrupt_ledger_line_names_the_file_and_line(tmp_path):
