@@ -282,12 +282,13 @@ def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = gr
   models, seeds = report_models(models), grids.report_seeds(seeds)
   command = reproduce_command(models, list(PROTOCOL), seeds=seeds, horizons=None,
                               workdir=workdir, fast=fast)
-  with run_ledger.report_lock(report):
-    ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-    ledger.sync(runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir, fast=fast,
-                     ledger=ledger))
-    rows = collect(models, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
-    return write_report(rows, report, command=command, fast=fast)
+  return grids.rewrite_report(
+      report,
+      runs=lambda ledger: runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir,
+                               fast=fast, ledger=ledger),
+      collect=lambda ledger: collect(models, seeds=seeds, workdir=workdir, fast=fast,
+                                     ledger=ledger),
+      write=lambda rows: write_report(rows, report, command=command, fast=fast))
 
 
 def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,

@@ -8,8 +8,9 @@ trains the unfinished ones and rewrites the table's report. Every grid uses thes
   * `run_state`: what a run's workdir, then the report's ledger (run_ledger), says about it:
     done, stale (its config changed since), failed, started, not run, or refused by its config;
   * `train_runs`: the training loop (skip the finished, resume the half-done, record failures,
-    stop on preemption, rewrite the report after each run); `update_entry_report` for the
-    grids of named entries;
+    stop on preemption, rewrite the report after each run; a lock per run, `claim_run`, lets
+    several processes share a grid); `rewrite_report`, every grid's report update under the
+    report's lock, and `update_entry_report` for the grids of named entries;
   * the report's pieces: `mean_std`, `machine_description`, `format_date`, and the pictures
     copied beside a report (`picture_dir`, `copy_pictures`, `picture_links`).
 
@@ -276,11 +277,27 @@ def update_entry_report(grid: Any, chosen: Sequence[Any], *, seeds: int | Sequen
   seeds = report_seeds(seeds)
   command = grid.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
                                    fast=fast)
+  return rewrite_report(
+      report,
+      runs=lambda ledger: grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast,
+                                    ledger=ledger),
+      collect=lambda ledger: grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast,
+                                          ledger=ledger),
+      write=lambda rows: grid.write_report(rows, report, command=command, fast=fast))
+
+
+def rewrite_report(report: str | os.PathLike, *,
+                   runs: Callable[[run_ledger.Ledger], Iterable[Any]],
+                   collect: Callable[[run_ledger.Ledger], Any],
+                   write: Callable[[Any], dict[str, pathlib.Path]]
+                   ) -> dict[str, pathlib.Path]:
+  """What every grid's `update_report` does, under the report's lock: reads the ledger, records
+  the finished workdirs of `runs(ledger)` in it, then `write(collect(ledger))`. Holding the
+  lock from the read to the write is what lets several processes share one report."""
   with run_ledger.report_lock(report):
     ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-    ledger.sync(grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
-    rows = grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
-    return grid.write_report(rows, report, command=command, fast=fast)
+    ledger.sync(runs(ledger))
+    return write(collect(ledger))
 
 
 # ---------------------------------------------------------------------------------------------
