@@ -32,6 +32,8 @@ import pathlib
 import subprocess
 from typing import Any, Iterable, Iterator
 
+from paperzoo import config as config_lib
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Config keys that do not change what a run computes (or only its float rounding).
@@ -39,28 +41,12 @@ IGNORED_CONFIG_KEYS = ("train.progress_bar", "train.plots", "train.log_every_ste
                        "train.eval_batch_size", "data.root", "mesh", "sharding_rules")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-# Config keys added after runs were recorded, with the default that does what those runs did: a
-# saved config without the key equals today's config at this default (and only at it).
-ADDED_CONFIG_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
-                         "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": "",
-                         "task.randaugment_ops": 0, "task.randaugment_magnitude": 9,
-                         "model.revision": 0}
-
-
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
-  """The flattened config without the keys that change nothing."""
+  """The flattened config without the keys that change nothing (ignored, or added since at the
+  default that does what older runs did: `paperzoo.config.ADDED_KEY_DEFAULTS`)."""
   ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
-  return {k: v for k, v in _flatten(config).items()
-          if not ignored(k) and not (k in ADDED_CONFIG_DEFAULTS and v == ADDED_CONFIG_DEFAULTS[k])}
+  flat = config_lib.without_added_defaults(config_lib.flatten(config))
+  return {k: v for k, v in flat.items() if not ignored(k)}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -163,3 +163,32 @@ def base_config() -> ConfigDict:
   )
   return config
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing a saved config with today's.
+
+# Keys added to the schema after runs were saved, with the default that does what those runs
+# did: a saved config (a workdir's `config.json`) without the key equals today's config at
+# this default, and only at it. Add a key here when it joins the schema with an "off" default,
+# so that finished runs neither read as stale nor refuse to reopen.
+ADDED_KEY_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
+                      "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": "",
+                      "task.randaugment_ops": 0, "task.randaugment_magnitude": 9,
+                      "model.revision": 0}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A config as a dict (`json.loads(config.to_json_best_effort())`) -> {"a.b.c": value}."""
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(flatten(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: tree}
+
+
+def without_added_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+  """A flattened config without the `ADDED_KEY_DEFAULTS` keys that hold their default."""
+  return {key: value for key, value in flat.items()
+          if not (key in ADDED_KEY_DEFAULTS and value == ADDED_KEY_DEFAULTS[key])}

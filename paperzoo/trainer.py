@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from paperzoo import checkpoint as checkpoint_lib
+from paperzoo import config as config_lib
 from paperzoo import metric_writers
 from paperzoo import optim
 from paperzoo import plots
@@ -514,13 +515,16 @@ def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
   saved_path = workdir / "config.json"
   if not saved_path.exists() or not (workdir / "checkpoints").exists():
     return
-  saved = json.loads(saved_path.read_text())
-  current = json.loads(config.to_json_best_effort())
+  # Keys added to the schema since the run was saved count as equal at their "off" default.
+  saved = config_lib.without_added_defaults(
+      config_lib.flatten(json.loads(saved_path.read_text())))
+  current = config_lib.without_added_defaults(
+      config_lib.flatten(json.loads(config.to_json_best_effort())))
 
-  def get(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-      tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+  def get(flat: dict[str, Any], key: str) -> Any:  # the value, or the section as a dict
+    if key in flat:
+      return flat[key]
+    return {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")} or None
 
   for key in _STATE_DEFINING_KEYS:
     if get(saved, key) != get(current, key):

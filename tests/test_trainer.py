@@ -234,6 +234,24 @@ def test_a_finished_workdir_resumes_without_training_again(tmp_path):
   assert splits.count("test") == 1 and splits[-1] == "test"  # the final test, once
 
 
+def test_a_run_saved_before_a_key_was_added_reopens_at_the_keys_default(tmp_path):
+  """A finished run whose config.json predates a schema key (`config.ADDED_KEY_DEFAULTS`)
+  reopens at that key's default, as the grids count it done; at another value it is refused."""
+  first = paperzoo.train_and_evaluate(tiny_dlinear(num_steps=3), tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert "revision" not in saved["model"]  # DLinear's config has no model.revision yet
+  for revision, refused in ((0, False), (1, True)):
+    config = tiny_dlinear(num_steps=3)
+    with config.unlocked():
+      config.model.revision = revision  # as if the key joined the schema after this run
+    if refused:
+      with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                         match=r"config.model differs .*'revision': 1"):
+        paperzoo.train_and_evaluate(config, tmp_path)
+    else:
+      assert paperzoo.train_and_evaluate(config, tmp_path)["test"] == first["test"]
+
+
 def test_a_fresh_start_discards_a_left_over_best_checkpoint(tmp_path):
   """Latest checkpoints removed, best kept: the run starts afresh and must not test the old
   best (orbax would also skip saving the new best at the same step)."""
