@@ -147,7 +147,10 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | pathlib.Pa
   images = np.asarray(images)
   n = len(images)
   rows = -(-n // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+  # Constrained layout, not tight_layout: titles wider than their image (two lines of class
+  # names) made tight_layout leave the next row's titles over the images above them.
+  fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False,
+                           layout="constrained")
   for ax in axes.flat:
     ax.axis("off")
   for ax, image, text in zip(axes.flat, images, titles):
@@ -157,7 +160,6 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | pathlib.Pa
     ax.set_title(text, fontsize=7)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
   return save_figure(fig, path)
 
 
