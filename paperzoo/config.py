@@ -164,7 +164,6 @@ def base_config() -> ConfigDict:
   return config
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Comparing a saved config with today's.
 
