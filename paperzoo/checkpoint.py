@@ -35,9 +35,15 @@ class Checkpoints:
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=name))
 
-    self.latest = ocp.CheckpointManager(workdir / "checkpoints",
+    # Handlers named up front, so a manager that has not saved yet can read a checkpoint's
+    # metadata (`restore` checks it against the model before reading any array).
+    def handlers() -> dict[str, ocp.CheckpointHandler]:
+      return {"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
+
+    self.latest = ocp.CheckpointManager(workdir / "checkpoints", item_handlers=handlers(),
                                         options=options("checkpoints", max(int(keep), 1)))
-    self.best = ocp.CheckpointManager(workdir / "best", options=options("best", 1))
+    self.best = ocp.CheckpointManager(workdir / "best", item_handlers=handlers(),
+                                      options=options("best", 1))
 
   def save(self, step: int, state: Any, record: dict[str, Any], *, best: bool = False) -> None:
     """Saves asynchronously: arrays are copied off the devices before this returns."""
@@ -65,15 +71,15 @@ class Checkpoints:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    where = f"{manager.directory}/{step}"
+    # Compared from the saved metadata before any array is read: a restore that fails halfway
+    # leaves orbax's pending reads behind, and its error names no parameter.
+    _check_fits(abstract_state, manager.item_metadata(step)["state"], where)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f"the checkpoint {manager.directory}/{step} does not match the model being trained "
-          f"(was it written with a different model config?). Use a new --workdir, or the "
-          f"config the checkpoint was written with. Orbax said: {e}") from e
-    _check_shapes(abstract_state, restored.state, f"{manager.directory}/{step}")
+      raise CheckpointMismatchError(_mismatch(where, f"orbax said: {e}")) from e
     return restored.state, dict(restored.record)
 
   def wait(self) -> None:
@@ -85,13 +91,33 @@ class Checkpoints:
     self.best.close()
 
 
-def _check_shapes(expected: Any, restored: Any, where: str) -> None:
-  bad = []
-  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected),
-                               jax.tree.leaves(restored)):
-    if tuple(want.shape) != tuple(got.shape):
-      bad.append(f"{jax.tree_util.keystr(path)}: model {tuple(want.shape)}, "
-                 f"checkpoint {tuple(got.shape)}")
+def _mismatch(where: str, details: str) -> str:
+  return (f"the checkpoint {where} does not match the model being trained ({details}). Was it "
+          f"written with a different model config? Use a new --workdir, or the config the "
+          f"checkpoint was written with.")
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+  """Leaves keyed by their path as orbax names them on disk ("opt_state.1.count"): the saved
+  metadata comes back with dicts and lists where the train state has namedtuples and tuples."""
+  def name(key: Any) -> str:
+    for field in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+  return {".".join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_fits(abstract_state: Any, saved: Any, where: str) -> None:
+  """Raises `CheckpointMismatchError` naming the leaves that are missing, extra or reshaped."""
+  want, have = _leaves_by_name(abstract_state), _leaves_by_name(saved)
+  def params_first(names: Any) -> list[str]:  # the optimizer's leaves repeat the params'
+    return sorted(names, key=lambda n: not n.startswith("params."))
+  bad = [f"{n}: not in the checkpoint" for n in params_first(want) if n not in have]
+  bad += [f"{n}: in the checkpoint, not in the model" for n in params_first(have) if n not in want]
+  bad += [f"{n}: model {tuple(want[n].shape)}, checkpoint {tuple(have[n].shape)}"
+          for n in params_first(want) if n in have and tuple(want[n].shape) != tuple(have[n].shape)]
   if bad:
-    raise CheckpointMismatchError(
-        f"the checkpoint {where} does not match the model: " + "; ".join(bad[:5]))
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    raise CheckpointMismatchError(_mismatch(where, "; ".join(bad[:5]) + more))

@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import paperzoo
@@ -219,10 +220,45 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                        match=rf"config.{key} differs .*now: {value}\)"):
       paperzoo.train_and_evaluate(other, tmp_path)
-  # Without the saved config to compare against, the checkpoint itself is checked.
+  # Without the saved config to compare against, the checkpoint's metadata is checked before
+  # any array is read, and the error names the parameters that differ.
   (tmp_path / "config.json").unlink()
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not match the model"):
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"does not match the model being trained \(params\.seasonal_linear"
+                           r"\.bias: model \(7, 24\), checkpoint \(24,\);"):
     paperzoo.train_and_evaluate(config, tmp_path)
+
+
+def test_a_checkpoint_is_checked_leaf_by_leaf_before_it_is_read(tmp_path):
+  """Missing, extra and reshaped leaves are named; namedtuples (optax states) and tuples in the
+  train state match the dicts and lists that orbax's saved metadata holds."""
+  params = {"w": np.ones((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+  state = {"params": params, "opt_state": optax.adam(1e-3).init(params),
+           "step": np.int32(2)}
+  saved = checkpoint_lib.Checkpoints(tmp_path, keep=1)
+  saved.save(2, state, {"best": 1.0})
+  saved.close()
+
+  def restore(state):
+    checkpoints = checkpoint_lib.Checkpoints(tmp_path, keep=1)  # fresh, as on a resume
+    try:
+      return checkpoints.restore(jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                         sharding=jax.sharding.SingleDeviceSharding(
+                                             jax.devices()[0])), state))
+    finally:
+      checkpoints.close()
+
+  restored, record = restore(state)
+  np.testing.assert_array_equal(restored["opt_state"][0].mu["w"], 0)
+  assert record == {"best": 1.0}
+  for other, named in (
+      ({**params, "extra": np.ones(2, np.float32)}, r"params\.extra: not in the checkpoint"),
+      ({"w": params["w"]}, r"params\.b: in the checkpoint, not in the model"),
+      ({**params, "w": np.ones((3, 5), np.float32)},
+       r"params\.w: model \(3, 5\), checkpoint \(3, 4\)")):
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError, match=named):
+      restore({**state, "params": other})
 
 
 def test_a_finished_workdir_resumes_without_training_again(tmp_path):
