@@ -100,12 +100,7 @@ def _mismatch(where: str, details: str) -> str:
 def _leaves_by_name(tree: Any) -> dict[str, Any]:
   """Leaves keyed by their path as orbax names them on disk ("opt_state.1.count"): the saved
   metadata comes back with dicts and lists where the train state has namedtuples and tuples."""
-  def name(key: Any) -> str:
-    for field in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-      if hasattr(key, field):
-        return str(getattr(key, field))
-    return str(key)
-  return {".".join(name(k) for k in path): leaf
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
