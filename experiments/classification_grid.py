@@ -1,7 +1,7 @@
 """The classification reproduction: Long Range Arena, vision backbones and UEA, with seeds.
 
 `python -m experiments.reproduce classification` (thin CLI in experiments/reproduce.py) calls
-`run_classification`, which trains every unfinished run of the chosen entries (one workdir per
+`GRID.train`, which trains every unfinished run of the chosen entries (one workdir per
 entry and seed under --workdir; a finished run is skipped, a half-finished one resumes) and
 writes `experiments/results/classification.md` and `.csv`: per entry the test accuracy as
 mean +- sample std over seeds, the published number where one exists and is comparable, the
@@ -15,15 +15,13 @@ those every grid shares (`experiments.grids`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
 import pathlib
-import sys
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from experiments import configs
 from experiments import grids
 from experiments import run_ledger
 
@@ -45,7 +43,7 @@ class Entry:
 
 
 _LRA = "LRA paper (Tay et al. 2021), Transformer, full size"
-_UEA = "Time-Series-Library protocol (selects on TEST), as quoted in issue 5"
+_UEA = "Time-Series-Library protocol (selects on TEST), as published under it"
 _UEA_PUBLISHED = {"BasicMotions": 1.000, "JapaneseVowels": 0.986, "Handwriting": 0.608,
                   "AtrialFibrillation": 0.533}
 
@@ -62,16 +60,16 @@ ENTRIES: tuple[Entry, ...] = (
       for task, published in (("listops", 0.3637), ("image", 0.4244), ("pathfinder", 0.7140))),
     # Vision: the tiny MNIST variants (target: at least 96%), then CIFAR-10 (GPU).
     *(Entry(f"mnist/{model}", "Vision, MNIST 8k/2k (CPU)", model, "data=mnist", None,
-            "target >= 0.96 (issue 5)")
+            "target >= 0.96")
       for model in ("vit", "poolformer", "swin", "biformer", "cvt", "t2t_vit")),
     Entry("mnist/vit-agent", "Vision, MNIST 8k/2k (CPU)", "vit", "data=mnist,mixer=agent", None,
-          "target >= 0.96 (issue 5)"),
+          "target >= 0.96"),
     Entry("mnist/swin-agent", "Vision, MNIST 8k/2k (CPU)", "agent", "data=mnist", None,
-          "target >= 0.96 (issue 5)"),
+          "target >= 0.96"),
     Entry("cifar10/vit", "Vision, CIFAR-10 (GPU)", "vit", "data=cifar10", None,
-          "target >= 0.85 (issue 5)"),
+          "target >= 0.85"),
     Entry("cifar10/swin", "Vision, CIFAR-10 (GPU)", "swin", "data=cifar10", None,
-          "target >= 0.88 (issue 5)"),
+          "target >= 0.88"),
     # UEA, both protocols.
     *(Entry(f"uea/{subset}/{model}/{'legacy' if legacy else 'val'}",
             "UEA, " + ("TEST-selected (legacy)" if legacy else "validation-selected"), "uea",
@@ -116,11 +114,10 @@ class ClassificationRun:
 
   @property
   def command(self) -> str:
-    return (f"python -m experiments.run --workdir={self.workdir} "
-            f"--config=experiments/configs/{self.entry.config}.py:{self.config_arg}")
+    return grids.run_command(self.workdir, self.entry.config, self.config_arg)
 
   def config(self):
-    return grids.load_config(self.entry.config, self.config_arg)
+    return configs.load(self.entry.config, self.config_arg)
 
 
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
@@ -131,49 +128,14 @@ def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | 
           for entry in chosen for seed in grids.seeds_list(seeds)]
 
 
-def run_classification(keys: Iterable[str] | None = None, *, seeds: int | Sequence[int] = 3,
-                       workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                       report: str | os.PathLike | None = None, rerun_stale: bool = False,
-                       train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None = None,
-                       log: Callable[[str], None] = print) -> dict[str, list[Any]]:
-  """Trains every unfinished run of the chosen entries (default: the CPU ones), writing the
-  report after each; returns the runs by outcome (`grids.train_runs`)."""
-  chosen = entries(keys if keys is not None else CPU_KEYS)
-  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
-  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
-
-  def write() -> None:
-    if report is not None:
-      update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
-
-  return grids.train_runs(
-      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
-      describe=lambda run: f"{run.entry.key} seed {run.seed}",
-      summarize=lambda results: f"test accuracy={results['test']['accuracy']:.4f}")
-
-
-def update_report(chosen: Sequence[Entry] = (), *,
-                  seeds: int | Sequence[int] = grids.REPORT_SEEDS,
-                  workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                  report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger and rewrites the whole table (every
-  CPU entry and `chosen`); see `grids.update_entry_report`."""
-  return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
-                                   workdir=workdir, fast=fast, report=report)
-
-
-def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
-                      workdir: str | os.PathLike, fast: bool) -> str:
-  return grids.entries_command("classification", keys, seeds=seeds, workdir=workdir, fast=fast)
-
-
 @dataclasses.dataclass
 class Row:
   entry: Entry
   accuracies: list[float]
   status: str
   commands: list[str]
-  finished: list[float]  # when the finished runs' results.json were written (where known)
+  finished: list[float | None]  # when the finished runs' results.json were written (None: unknown)
+  seeds: list[int] = dataclasses.field(default_factory=list)  # the seeds asked for
   done_runs: list[ClassificationRun] = dataclasses.field(default_factory=list)
   # (picture name, its copy beside the report), filled by write_report
   pictures: list[tuple[str, pathlib.Path]] = dataclasses.field(default_factory=list)
@@ -202,9 +164,8 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
     status = ("done" if len(done) == len(entry_runs) else
               ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     rows.append(Row(entry, [s.results["test"]["accuracy"] for _, s in done], status,
-                    [run.command for run in entry_runs],
-                    [s.finished for _, s in done if s.finished is not None],
-                    [run for run, _ in done]))
+                    [run.command for run in entry_runs], [s.finished for _, s in done],
+                    [run.seed for run in entry_runs], [run for run, _ in done]))
   return rows
 
 
@@ -228,53 +189,42 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
                                          entry_key=run.entry.key, seed=run.seed)
       if row.pictures:
         break
-  machine = grids.machine_description()
-  finished = [t for row in rows for t in row.finished]
-  done = sum(len(row.accuracies) for row in rows)
-  dates = (f"runs finished between {grids.format_date(min(finished))} and "
-           f"{grids.format_date(max(finished))}" if finished else "")
-  if done > len(finished):  # records recovered without their time (run_ledger)
-    dates += ("; " if dates else "") + (f"{done - len(finished)} of {done} finished runs at "
-                                        "unknown times (recovered records, see the ledger)")
-  dates = dates or "no run finished yet"
-  lines = [
-      "# Classification: Long Range Arena, vision backbones, UEA", "",
-      f"- Command: `{command}`",
-      f"- Written: {grids.format_date(time.time())}; {dates}",
-      f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
-      f"paperzoo commit {machine['commit']}",
-      f"- Machine: {machine['platform']}; CPU {machine['cpu']}; {machine['devices']}",
-      "- Score: test accuracy in %, mean ± sample std over the seeds that finished (n); the "
-      "test set is scored once, on the checkpoint selected by validation accuracy (UEA legacy "
-      "rows: selected on TEST, Time-Series-Library's protocol, shown only to compare with the "
-      "numbers published under it).",
-  ]
-  if fast:
-    lines.append("- **Smoke mode (--fast): two training steps per run, not the protocol.**")
-  group = None
-  for row in rows:
-    if row.entry.group != group:
-      group = row.entry.group
-      lines += ["", f"## {group}", "",
-                "| entry | ours (test acc. %) | published | source / note | status | pictures "
-                "| command |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
-    mean, std = row.mean_std
-    published = "-" if row.entry.published is None else f"{100 * row.entry.published:.2f}"
-    lines.append(f"| {row.entry.key} | {_fmt(mean, std, len(row.accuracies))} | {published} | "
-                 f"{row.entry.source} | {row.status} | "
-                 f"{grids.picture_links(row.pictures, path.parent)} | `{row.commands[0]}` |")
+  seeds = sorted({seed for row in rows for seed in row.seeds})
+  lines = grids.report_header(
+      "Classification: Long Range Arena, vision backbones, UEA", command=command,
+      finished=[t for row in rows for t in row.finished], seeds=seeds, fast=fast)
+  lines.append(
+      "- Score: test accuracy in %; the test set is scored once, on the checkpoint selected by "
+      "validation accuracy (UEA legacy rows: selected on TEST, Time-Series-Library's "
+      "protocol, shown only to compare with the numbers published under it).")
+  for group in dict.fromkeys(row.entry.group for row in rows):
+    lines += ["", f"## {group}", ""]
+    lines += grids.markdown_table(
+        ["entry", "ours (test acc. %)", "published", "source / note", "status", "pictures",
+         "command"],
+        ([row.entry.key, _fmt(*row.mean_std, len(row.accuracies)),
+          "-" if row.entry.published is None else f"{100 * row.entry.published:.2f}",
+          row.entry.source, row.status, grids.picture_links(row.pictures, path.parent),
+          f"`{row.commands[0]}`"] for row in rows if row.entry.group == group))
   path.write_text("\n".join(lines) + "\n")
-  csv_path = path.with_suffix(".csv")
-  with csv_path.open("w", newline="") as stream:
-    writer = csv.writer(stream)
-    writer.writerow(["entry", "group", "n", "mean_accuracy", "std_accuracy", "accuracies",
-                     "published", "status"])
-    for row in rows:
-      mean, std = row.mean_std
-      writer.writerow([row.entry.key, row.entry.group, len(row.accuracies),
-                       "" if not row.accuracies else f"{mean:.6f}",
-                       "" if math.isnan(std) else f"{std:.6f}",
-                       " ".join(f"{a:.6f}" for a in row.accuracies),
-                       "" if row.entry.published is None else row.entry.published, row.status])
+
+  def csv_row(row: Row) -> dict[str, Any]:
+    mean, std = row.mean_std
+    return {"entry": row.entry.key, "group": row.entry.group, "n": len(row.accuracies),
+            "mean_accuracy": "" if not row.accuracies else f"{mean:.6f}",
+            "std_accuracy": "" if math.isnan(std) else f"{std:.6f}",
+            "accuracies": " ".join(f"{a:.6f}" for a in row.accuracies),
+            "published": "" if row.entry.published is None else row.entry.published,
+            "status": row.status}
+
+  csv_path = grids.write_csv(path.with_suffix(".csv"),
+                             ["entry", "group", "n", "mean_accuracy", "std_accuracy",
+                              "accuracies", "published", "status"], map(csv_row, rows))
   return {"md": path, "csv": csv_path}
+
+
+GRID = grids.entry_grid(
+    "classification", default_workdir=DEFAULT_WORKDIR, default_report=DEFAULT_REPORT,
+    entries=entries, cpu_keys=CPU_KEYS, runs=runs, collect=collect, write_report=write_report,
+    describe=lambda run: f"{run.entry.key} seed {run.seed}",
+    summarize=lambda results: f"test accuracy={results['test']['accuracy']:.4f}")

@@ -4,7 +4,7 @@ The command line is `python -m experiments.reproduce forecasting` (see experimen
 a notebook calls the same functions:
 
     from experiments import forecasting_grid as grid
-    grid.run_forecasting(models=["dlinear"], datasets=["etth1"], seeds=3)  # trains, resumes
+    grid.GRID.train(grid.Cells(["dlinear"], ["etth1"]), seeds=3)  # trains, resumes
     rows = grid.collect()                         # whatever has finished, the rest "not run"
     grid.write_report(rows, "/tmp/forecasting.md")  # + .csv and .png beside it
 
@@ -17,10 +17,11 @@ whose saved config differs from today's config (a hyper-parameter changed since)
 is left out of the table and retrained only with `rerun_stale=True` (the run states and the
 training loop live in `experiments.grids`, shared by every grid).
 
-The protocol (FORECASTING_PROTOCOL.md): ETTh1, ETTh2, Exchange with lookback 96 and horizons
-96/192/336/720; ILI with lookback 36 and horizons 24/36/48/60; seeds 2021, 2022, ...; each
-config's own hyper-parameters (the papers' scripts). The trainer scores every test window, selects
-the checkpoint on validation MSE only and scores the test set once, on the best checkpoint.
+The protocol (experiments/forecasting_protocol.md): ETTh1, ETTh2, Exchange with lookback 96 and
+horizons 96/192/336/720; ILI with lookback 36 and horizons 24/36/48/60; seeds 2021, 2022, ...;
+each config's own hyper-parameters (the papers' scripts). The trainer scores every test window,
+selects the checkpoint on validation MSE only and scores the test set once, on the best
+checkpoint.
 
 The models are every forecasting config in experiments/configs that has a paper number in
 `PAPER_NUMBERS` or is listed in `NO_PAPER_NUMBER`: a new paper's config joins the grid by itself
@@ -29,18 +30,18 @@ once its numbers are added to the table below.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime
 import math
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from experiments import configs
 from experiments import grids
 from experiments import run_ledger
+from paperzoo import plots
 
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce")
 DEFAULT_REPORT = grids.REPO_ROOT / "experiments" / "results" / "forecasting.md"
@@ -55,8 +56,8 @@ PROTOCOL: dict[str, tuple[int, tuple[int, ...]]] = {
 TARGET = 0.03  # a cell meets the target when its mean MSE <= (1 + TARGET) x the paper's MSE
 AVG = "avg"  # the "horizon" of the mean over a data set's horizons (the papers' headline number)
 
-# Forecasting configs in the grid without a paper number here: Gateformer (issue 4 quotes none
-# of its numbers) and the vanilla Transformer baseline.
+# Forecasting configs in the grid without a paper number here: Gateformer (none of its numbers
+# is recorded here) and the vanilla Transformer baseline.
 NO_PAPER_NUMBER: tuple[str, ...] = ("gateformer", "transformer")
 # Display order; models not listed follow alphabetically.
 MODEL_ORDER = ("itransformer", "patchtst", "dlinear", "autoformer", "smamba", "informer",
@@ -66,11 +67,12 @@ _NOT_MODELS = ("quickstart",)
 
 # ---------------------------------------------------------------------------------------------
 # The papers' numbers: (model, data, horizon or AVG) -> (MSE, MAE or None, source key).
-# Only numbers found in the issue text or the project's records; never filled in from memory.
+# Only numbers from the cited sources or the project's records; never filled in from memory.
 
 SOURCES = {
-    "table10": "iTransformer (ICLR 2024) Table 10, lookback 96 (quoted in issue 4)",
-    "informer": "Informer at lookback 96 (quoted in issue 4)",
+    "table10": "iTransformer (ICLR 2024) Table 10, lookback 96",
+    "informer": "Informer at lookback 96 (recorded when the grid was set up; the source table "
+                "is not recorded)",
     "spine": "paper column of experiments/results/etth1_spine.md (lookback 96)",
 }
 PAPER_NUMBERS: dict[tuple[str, str, int | str], tuple[float, float | None, str]] = {
@@ -114,9 +116,9 @@ def paper_number(model: str, data: str, horizon: int | str
 # ---------------------------------------------------------------------------------------------
 # Models and configs.
 
-def config_names(config_dir: str | os.PathLike = grids.CONFIG_DIR) -> list[str]:
-  """Config files in `config_dir` that could be grid models (not quickstart)."""
-  return [name for name in grids.config_files(config_dir) if name not in _NOT_MODELS]
+def config_names() -> list[str]:
+  """The configs in experiments/configs that could be grid models (not quickstart)."""
+  return [name for name in configs.names() if name not in _NOT_MODELS]
 
 
 def _order(models: Iterable[str]) -> list[str]:
@@ -128,17 +130,17 @@ def is_forecasting_config(model: str) -> bool | None:
   """Whether experiments/configs/<model>.py's default config is a real-data forecasting run
   (None: the config fails to build, e.g. while it is being written)."""
   try:
-    config = grids.load_config(model, None)
+    config = configs.load(model, None)
   except Exception:  # pylint: disable=broad-except  (reported per cell by grids.run_state)
     return None
   return config.task.name == "forecasting" and config.data.name != "synthetic"
 
 
-def default_models(config_dir: str | os.PathLike = grids.CONFIG_DIR) -> list[str]:
+def default_models() -> list[str]:
   """Every forecasting config with a paper number or in NO_PAPER_NUMBER, in display order.
   A listed config that fails to build stays in, so its cells show the error."""
   wanted = {model for model, _, _ in PAPER_NUMBERS} | set(NO_PAPER_NUMBER)
-  return _order(name for name in config_names(config_dir)
+  return _order(name for name in config_names()
                 if name in wanted and is_forecasting_config(name) is not False)
 
 
@@ -147,8 +149,6 @@ def report_models(requested: Iterable[str] = ()) -> list[str]:
   number or in NO_PAPER_NUMBER (shown as "no config" until its config exists)."""
   return _order(set(default_models()) | set(requested) | {m for m, _, _ in PAPER_NUMBERS}
                 | set(NO_PAPER_NUMBER))
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +182,11 @@ class Run:
   @property
   def command(self) -> str:
     """The `experiments.run` command that trains this run alone."""
-    return (f"python -m experiments.run --workdir={self.workdir} "
-            f"--config=experiments/configs/{self.model}.py:{self.config_arg}")
+    return grids.run_command(self.workdir, self.model, self.config_arg)
 
   def config(self):
     """This run's config; raises (ValueError, FileNotFoundError, ...) if the config refuses it."""
-    config = grids.load_config(self.model, self.config_arg)
+    config = configs.load(self.model, self.config_arg)
     got = (config.data.name, config.data.seq_len, config.data.pred_len, config.seed)
     want = (self.data, self.seq_len, self.pred_len, self.seed)
     if got != want:
@@ -196,18 +195,18 @@ class Run:
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Cells:
+  """A selection of the grid: models x data sets (x horizons; None: every protocol horizon).
+  Empty models mean `default_models()`, empty data sets every data set of PROTOCOL."""
 
+  models: Sequence[str] = ()
+  datasets: Sequence[str] = ()
+  horizons: Sequence[int] | None = None
 
-
-
-
-
-
-
-
-
-
-
+  def resolved(self) -> Cells:
+    return Cells(list(self.models) or default_models(), list(self.datasets) or list(PROTOCOL),
+                 None if self.horizons is None else sorted(set(self.horizons)))
 
 
 def horizons_of(data: str, horizons: Iterable[int] | None = None) -> list[int]:
@@ -237,60 +236,6 @@ def runs(models: Sequence[str], datasets: Sequence[str], *, seeds: int | Sequenc
   return result
 
 
-
-
-
-
-
-
-def run_forecasting(models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
-                    *, seeds: int | Sequence[int] = 3, horizons: Iterable[int] | None = None,
-                    workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                    report: str | os.PathLike | None = None, rerun_stale: bool = False,
-                    train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, list[Run]]:
-  """Trains every unfinished run of the grid, one after the other, writing the report (if
-  `report` is a path) after each one. Returns the runs by outcome: trained, skipped (finished
-  before), unsupported, stale (kept, not retrained), failed, preempted.
-
-  A run that raises is recorded in `<workdir>/error.txt` and the grid goes on; SIGTERM (the
-  trainer saves and returns "preempted") stops the grid; running again resumes both.
-  """
-  models = list(models) if models else default_models()
-  datasets = list(datasets) if datasets else list(PROTOCOL)
-  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
-  grid_runs = runs(models, datasets, seeds=seeds, horizons=horizons, workdir=workdir, fast=fast,
-                   ledger=ledger)
-
-  def write() -> None:
-    if report is not None:
-      update_report(models, seeds=seeds, workdir=workdir, fast=fast, report=report)
-
-  return grids.train_runs(
-      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
-      describe=lambda run: f"{run.model} {run.data} {run.seq_len}->{run.pred_len} seed {run.seed}",
-      summarize=lambda results: (f"test mse={results['test']['mse']:.4f} "
-                                 f"mae={results['test']['mae']:.4f}"))
-
-
-def update_report(models: Sequence[str] = (), *, seeds: int | Sequence[int] = grids.REPORT_SEEDS,
-                  workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                  report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger, then rewrites the whole table
-  (every model of `report_models(models)`, every data set, `report_seeds(seeds)`) from the
-  workdirs and the ledger; returns write_report's paths."""
-  models, seeds = report_models(models), grids.report_seeds(seeds)
-  command = reproduce_command(models, list(PROTOCOL), seeds=seeds, horizons=None,
-                              workdir=workdir, fast=fast)
-  return grids.rewrite_report(
-      report,
-      runs=lambda ledger: runs(models, list(PROTOCOL), seeds=seeds, workdir=workdir,
-                               fast=fast, ledger=ledger),
-      collect=lambda ledger: collect(models, seeds=seeds, workdir=workdir, fast=fast,
-                                     ledger=ledger),
-      write=lambda rows: write_report(rows, report, command=command, fast=fast))
-
-
 def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
                       seeds: int | Sequence[int], horizons: Iterable[int] | None,
                       workdir: str | os.PathLike, fast: bool, rerun_stale: bool = False) -> str:
@@ -310,7 +255,6 @@ def reproduce_command(models: Sequence[str], datasets: Sequence[str], *,
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation.
-
 
 
 @dataclasses.dataclass
@@ -463,15 +407,6 @@ def _average_row(model: str, data: str, seeds: list[int], cell_rows: list[Row], 
 # Report: markdown table, CSV, plot.
 
 
-
-
-
-
-
-
-
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "-"
@@ -501,7 +436,7 @@ def _meets(row: Row, fast: bool) -> str:
 
 
 def _status_text(row: Row) -> str:
-  return "; ".join([row.status] + row.notes).replace("|", "/")
+  return "; ".join([row.status] + row.notes)
 
 
 def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
@@ -509,43 +444,26 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
   """Writes `path` (markdown), the CSV and the PNG plot beside it; returns the three paths.
 
   Works on any partial grid: cells without results say "not run" (or why they cannot run)."""
-  from paperzoo import plots  # pylint: disable=g-import-not-at-top
   md_path = pathlib.Path(path)
   csv_path, png_path = md_path.with_suffix(".csv"), md_path.with_suffix(".png")
   md_path.parent.mkdir(parents=True, exist_ok=True)
-  machine = grids.machine_description()
-  now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-  finished = [t for row in rows if row.pred_len != AVG for t in row.finished]
-  devices = sorted({d for row in rows if row.pred_len != AVG for d in row.devices})
-  seeds = rows[0].seeds_requested if rows else []
   cells = [r for r in rows if r.pred_len != AVG]
   compared = [r for r in rows if r.paper_mse is not None]
-
-  lines = ["# Long-term forecasting: our grid against the papers", ""]
-  if fast:
-    lines += ["**FAST MODE: every run is the config's `runlocal` smoke setting (two training "
-              "steps, tiny models). These numbers test the machinery only; they are NOT the "
-              "protocol and say nothing about the papers.**", ""]
+  lines = grids.report_header(
+      "Long-term forecasting: our grid against the papers", command=command,
+      finished=[t for row in cells for t in row.finished],
+      seeds=rows[0].seeds_requested if rows else [], fast=fast,
+      runs_used=sorted({d for row in cells for d in row.devices}))
   lines += [
-      f"- Command: `{command}`",
-      f"- Written: {now}"
-      + (f"; runs finished between {grids.format_date(min(finished))} and "
-         f"{grids.format_date(max(finished))}"
-         if finished else "; no run finished yet"),
-      f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
-      f"paperzoo commit {machine['commit']}",
-      f"- Machine: {machine['platform']}; CPU {machine['cpu']}; this process sees "
-      f"{machine['devices']}; runs used {', '.join(devices) if devices else '-'}",
-      f"- Seeds: {', '.join(map(str, seeds))} (mean ± sample std over the seeds that finished; "
-      "n = how many)",
-      "- Protocol: lookback 96, horizons 96/192/336/720 (ILI: lookback 36, horizons 24/36/48/60);"
-      " each config's paper hyper-parameters (`experiments/configs/<model>.py`); every test "
-      "window scored (no drop_last); checkpoint selected on validation MSE only; test scored "
-      "once, on the best checkpoint. MSE/MAE on the normalized scale.",
+      "- Protocol (experiments/forecasting_protocol.md): lookback 96, horizons 96/192/336/720 "
+      "(ILI: lookback 36, horizons 24/36/48/60); each config's paper hyper-parameters "
+      "(`experiments/configs/<model>.py`); every test window scored (no drop_last); checkpoint "
+      "selected on validation MSE only; test scored once, on the best checkpoint. MSE/MAE on "
+      "the normalized scale.",
       f"- Target: mean MSE within {100 * TARGET:.0f}% of the paper's, or better. Relative "
       "difference = ours / paper - 1 (negative: better than the paper).",
-      "- Paper numbers: " + "; ".join(f"{text}" for text in SOURCES.values()) + ". Cells "
-      "without a paper number say so.",
+      "- Paper numbers: " + "; ".join(SOURCES.values()) + ". Cells without a paper number say "
+      "so.",
       "",
   ]
   run_cells = [r for r in cells if r.n]
@@ -559,27 +477,22 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
             + (f"{len(met)} meet the target, {len(missed)} miss it." if not fast
                else "fast mode, no verdict."), ""]
 
-  lines += ["## Averages over the horizons (the papers' headline numbers)", "",
-            "| model | data | seeds | MSE | MAE | paper MSE / MAE | rel. MSE | rel. MAE | "
-            "meets 3% | status |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for row in rows:
-    if row.pred_len == AVG:
-      lines.append(
-          f"| {row.model} | {row.data} | {row.n} | {_fmt_mean_std(row.mse)} | "
-          f"{_fmt_mean_std(row.mae)} | {_fmt(row.paper_mse)} / {_fmt(row.paper_mae)} | "
-          f"{_fmt_rel(row.rel_mse)} | {_fmt_rel(row.rel_mae)} | {_meets(row, fast)} | "
-          f"{_status_text(row)} |")
-  lines += ["", "## Every cell", "",
-            "| model | data | L | H | seeds | MSE | MAE | per-seed MSE | paper MSE / MAE | "
-            "rel. MSE | meets 3% | status |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for row in cells:
-    per_seed = " / ".join(f"{v:.4f}" for v in row.mse) or "-"
-    lines.append(
-        f"| {row.model} | {row.data} | {row.seq_len} | {row.pred_len} | {row.n} | "
-        f"{_fmt_mean_std(row.mse)} | {_fmt_mean_std(row.mae)} | {per_seed} | "
-        f"{_fmt(row.paper_mse)} / {_fmt(row.paper_mae)} | {_fmt_rel(row.rel_mse)} | "
-        f"{_meets(row, fast)} | {_status_text(row)} |")
+  lines += ["## Averages over the horizons (the papers' headline numbers)", ""]
+  lines += grids.markdown_table(
+      ["model", "data", "seeds", "MSE", "MAE", "paper MSE / MAE", "rel. MSE", "rel. MAE",
+       "meets 3%", "status"],
+      ([row.model, row.data, row.n, _fmt_mean_std(row.mse), _fmt_mean_std(row.mae),
+        f"{_fmt(row.paper_mse)} / {_fmt(row.paper_mae)}", _fmt_rel(row.rel_mse),
+        _fmt_rel(row.rel_mae), _meets(row, fast), _status_text(row)]
+       for row in rows if row.pred_len == AVG))
+  lines += ["", "## Every cell", ""]
+  lines += grids.markdown_table(
+      ["model", "data", "L", "H", "seeds", "MSE", "MAE", "per-seed MSE", "paper MSE / MAE",
+       "rel. MSE", "meets 3%", "status"],
+      ([row.model, row.data, row.seq_len, row.pred_len, row.n, _fmt_mean_std(row.mse),
+        _fmt_mean_std(row.mae), " / ".join(f"{v:.4f}" for v in row.mse) or "-",
+        f"{_fmt(row.paper_mse)} / {_fmt(row.paper_mae)}", _fmt_rel(row.rel_mse),
+        _meets(row, fast), _status_text(row)] for row in cells))
   if missed and not fast:
     lines += ["", "## Cells that miss the target", ""]
     for row in missed:
@@ -593,18 +506,19 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
             "they were. Per-epoch speed on a quiet machine, and a projection for the models not "
             "run yet: `experiments/results/forecasting_speed.md` (`python -m "
             "experiments.benchmarks.forecasting_speed --models=all --steps=20 --project_grid`).",
-            "",
-            "| model | runs finished | hours | minutes per run | runs left | hours left (est.) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            ""]
+  compute = []
   for model in dict.fromkeys(r.model for r in cells):
     runnable = [r for r in cells if r.model == model and r.status not in grids.REFUSED]
     done = sum(r.n for r in runnable)
     left = sum(len(r.seeds_requested) for r in runnable) - done
     seconds = sum(s for r in runnable for s in r.seconds)
     per_run = seconds / done if done else None
-    lines.append(f"| {model} | {done} | {_fmt(seconds / 3600 if done else None, 2)} | "
-                 f"{_fmt(per_run / 60 if per_run else None, 1)} | {left} | "
-                 f"{_fmt(per_run * left / 3600 if per_run else None, 2)} |")
+    compute.append([model, done, _fmt(seconds / 3600 if done else None, 2),
+                    _fmt(per_run / 60 if per_run else None, 1), left,
+                    _fmt(per_run * left / 3600 if per_run else None, 2)])
+  lines += grids.markdown_table(["model", "runs finished", "hours", "minutes per run",
+                                 "runs left", "hours left (est.)"], compute)
   lines += ["", f"CSV with the per-seed numbers and each run's command: `{csv_path.name}`; "
             f"plot: `{png_path.name}`.", ""]
   md_path.write_text("\n".join(lines))
@@ -613,38 +527,37 @@ def write_report(rows: list[Row], path: str | os.PathLike, *, command: str,
             "n", "mse_mean", "mse_std", "mae_mean", "mae_std", "mse_per_seed", "mae_per_seed",
             "paper_mse", "paper_mae", "paper_source", "rel_diff_mse", "rel_diff_mae",
             "meets_3pct", "status", "seconds_per_run", "devices", "last_finished", "command"]
-  with open(csv_path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-      mse_mean, mse_std = row.mse_mean_std
-      mae_mean, mae_std = row.mae_mean_std
-      meets = row.meets_target
-      writer.writerow({
-          "mode": "fast" if fast else "protocol", "model": row.model, "data": row.data,
-          "seq_len": row.seq_len, "pred_len": row.pred_len,
-          "seeds_requested": " ".join(map(str, row.seeds_requested)),
-          "seeds_done": " ".join(map(str, row.seeds_done)), "n": row.n,
-          "mse_mean": _csv_number(mse_mean), "mse_std": _csv_number(mse_std),
-          "mae_mean": _csv_number(mae_mean), "mae_std": _csv_number(mae_std),
-          "mse_per_seed": " ".join(f"{v:.6f}" for v in row.mse),
-          "mae_per_seed": " ".join(f"{v:.6f}" for v in row.mae),
-          "paper_mse": _csv_number(row.paper_mse), "paper_mae": _csv_number(row.paper_mae),
-          "paper_source": row.paper_source,
-          "rel_diff_mse": _csv_number(row.rel_mse), "rel_diff_mae": _csv_number(row.rel_mae),
-          "meets_3pct": "" if meets is None or fast else ("yes" if meets else "no"),
-          "status": _status_text(row),
-          "seconds_per_run": _csv_number(float(np.mean(row.seconds)) if row.seconds else None),
-          "devices": " ".join(sorted(row.devices)),
-          "last_finished": grids.format_date(max(row.finished)) if row.finished else "",
-          "command": row.command,
-      })
 
+  def csv_row(row: Row) -> dict[str, Any]:
+    mse_mean, mse_std = row.mse_mean_std
+    mae_mean, mae_std = row.mae_mean_std
+    meets = row.meets_target
+    return {
+        "mode": "fast" if fast else "protocol", "model": row.model, "data": row.data,
+        "seq_len": row.seq_len, "pred_len": row.pred_len,
+        "seeds_requested": " ".join(map(str, row.seeds_requested)),
+        "seeds_done": " ".join(map(str, row.seeds_done)), "n": row.n,
+        "mse_mean": _csv_number(mse_mean), "mse_std": _csv_number(mse_std),
+        "mae_mean": _csv_number(mae_mean), "mae_std": _csv_number(mae_std),
+        "mse_per_seed": " ".join(f"{v:.6f}" for v in row.mse),
+        "mae_per_seed": " ".join(f"{v:.6f}" for v in row.mae),
+        "paper_mse": _csv_number(row.paper_mse), "paper_mae": _csv_number(row.paper_mae),
+        "paper_source": row.paper_source,
+        "rel_diff_mse": _csv_number(row.rel_mse), "rel_diff_mae": _csv_number(row.rel_mae),
+        "meets_3pct": "" if meets is None or fast else ("yes" if meets else "no"),
+        "status": _status_text(row),
+        "seconds_per_run": _csv_number(float(np.mean(row.seconds)) if row.seconds else None),
+        "devices": " ".join(sorted(row.devices)),
+        "last_finished": grids.format_date(max(row.finished)) if row.finished else "",
+        "command": row.command,
+    }
+
+  grids.write_csv(csv_path, fields, map(csv_row, rows))
   points = [{"label": f"{r.model} {r.data} {r.pred_len}", "model": r.model, "data": r.data,
              "horizon": r.pred_len, "ours_mse": r.mse_mean_std[0],
              "ours_mse_std": r.mse_mean_std[1], "paper_mse": r.paper_mse, "n": r.n}
             for r in compared if r.mse]
-  title = "Test MSE, ours (mean ± std over seeds) vs paper" + (" - FAST MODE, not the protocol"
+  title = "Test MSE, ours (mean ± std over seeds) vs paper" + (" - SMOKE MODE, not the protocol"
                                                               if fast else "")
   plots.paper_comparison(points, png_path, title=title, target=TARGET)
   return {"md": md_path, "csv": csv_path, "png": png_path}
@@ -656,3 +569,19 @@ def _csv_number(value: float | None) -> str:
   return f"{value:.6g}"
 
 
+GRID = grids.Grid(
+    name="forecasting", default_workdir=DEFAULT_WORKDIR, default_report=DEFAULT_REPORT,
+    runs=lambda cells, **kwargs: runs(cells.resolved().models, cells.resolved().datasets,
+                                      horizons=cells.resolved().horizons, **kwargs),
+    collect=lambda cells, **kwargs: collect(cells.resolved().models, cells.resolved().datasets,
+                                            **kwargs),
+    write_report=write_report,
+    command=lambda cells, **kwargs: reproduce_command(
+        cells.resolved().models, cells.resolved().datasets, horizons=cells.resolved().horizons,
+        **kwargs),
+    # A report shows every model with a paper number and every data set, whatever ran.
+    whole_table=lambda cells: Cells(report_models((cells or Cells()).models), list(PROTOCOL)),
+    describe=lambda run: f"{run.model} {run.data} {run.seq_len}->{run.pred_len} seed {run.seed}",
+    summarize=lambda results: (f"test mse={results['test']['mse']:.4f} "
+                               f"mae={results['test']['mae']:.4f}"),
+)

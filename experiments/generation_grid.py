@@ -1,8 +1,8 @@
-r"""The generation reproduction (issue 6): DiT, LiT and VAR on MNIST, scored by the reference
-classifier, with seeds; the CIFAR-10 GPU entries when named.
+r"""The generation reproduction: DiT, LiT and VAR on MNIST, scored by the reference classifier,
+with seeds; the CIFAR-10 GPU entries when named.
 
 `python -m experiments.reproduce generation` (thin CLI in experiments/reproduce.py) calls
-`run_generation`, which trains every unfinished run of the chosen entries (one workdir per entry
+`GRID.train`, which trains every unfinished run of the chosen entries (one workdir per entry
 and seed under --workdir; a finished run is skipped, a half-finished one resumes) and writes
 `experiments/results/generation.md` and `.csv` after each run. Per entry, as mean ± sample std
 over the seeds that finished (n):
@@ -22,25 +22,23 @@ over the seeds that finished (n):
                                 its codes some test token uses
   test accuracy                 the reference classifier's own accuracy on the held-out split
 
-with the issue's target where it sets one (guided class accuracy >= 90% for DiT-tiny and VAR-tiny
-on MNIST, >= 70% for the CIFAR-10 GPU models) and whether the mean meets it, the exact
+with the target where the entry sets one (guided class accuracy >= 90% for DiT-tiny and
+VAR-tiny on MNIST, >= 70% for the CIFAR-10 GPU models) and whether the mean meets it, the exact
 `experiments.run` command of every run, when and with which jax and devices it ran, and links to
 the runs' pictures, which `write_report` copies (palette-compressed) into a folder named after
 the report (`experiments/results/generation/`), so the links resolve inside the repository.
 
-Two entries are not ordinary per-seed runs:
-  * The reference classifier: `paperzoo.generation.metrics.reference_classifier(data)` scores
-    every sample from `cache_dir("reference_classifiers")/<data>`, training it there if it is
-    missing. The grid's reference entry is that very run (one run, whatever --seeds says), so
-    the table shows the classifier that actually scored the samples; when the finished run there
-    was trained with another config than today's `reference_classifier.py` (e.g. another seed),
-    the report says so instead of retraining it (retraining would change every sample score).
-    In fast mode it is a runlocal run under the grid's workdir, never the shared cache.
-  * VAR reads a finished tokenizer run: run `mnist/var` seed s gets
-    `tokenizer_workdir=<the mnist/var_tokenizer seed s workdir>`. Choosing a VAR entry adds its
-    tokenizer entry, whose runs come first; a VAR run whose tokenizer run has not finished is
-    "waiting" (not trained, not failed) and trains on a later call once the tokenizer is done.
-    (runlocal VAR trains its own tiny tokenizer and ignores the path; the order is the same.)
+Runs read other runs, and the grid trains those first like any config does
+(`experiments.prerequisites`, under the same per-run lock):
+  * The reference classifier scores every sample: the one run in
+    `cache_dir("reference_classifiers")/<data>` (`paperzoo.generation.metrics.reference_run`).
+    The grid's reference entry is that very run (one run, whatever --seeds says), so the table
+    shows the classifier that actually scored the samples; when the finished run there was
+    trained with another config than today's `reference_classifier.py` (e.g. another seed), the
+    report says so instead of retraining it (retraining would change every sample score). In
+    fast mode it is a runlocal run under the grid's workdir, never the shared cache.
+  * VAR seed s reads the tokenizer entry's run of seed s (`tokenizer_workdir=<that workdir>`);
+    when the tokenizer entry has not run yet, the VAR run trains it there first.
 
 Fast mode (`fast=True`, `--fast`): every run is its config's `runlocal` smoke setting, under
 `<workdir>/fast`; runlocal DiT, LiT and VAR score no samples (`samples_per_class=0`), so their
@@ -52,24 +50,23 @@ those every grid shares (`experiments.grids`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import os
 import pathlib
-import sys
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from experiments import configs
 from experiments import grids
 from experiments import run_ledger
+from paperzoo import workdir as workdir_lib
+from paperzoo.generation import metrics
 
 REPO_ROOT = grids.REPO_ROOT
 DEFAULT_WORKDIR = pathlib.Path("/tmp/paperzoo_reproduce_generation")
 DEFAULT_REPORT = REPO_ROOT / "experiments" / "results" / "generation.md"
 KINDS = ("classifier", "diffusion", "tokenizer", "next_scale")
-WAITING = "waiting"  # the status of a run whose dependency has not finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +80,8 @@ class Entry:
   config: str
   arg: str
   data: str
-  target: float | None = None  # guided class accuracy in [0, 1] the issue asks for
-  needs: str | None = None  # key of the entry whose run of the same seed this one reads
+  target: float | None = None  # the guided class accuracy in [0, 1] to reach
+  tokenizer: str | None = None  # the entry whose run of the same seed is this one's tokenizer
   pictures: tuple[str, ...] = ()  # files of a finished run's workdir copied next to the report
 
 
@@ -109,7 +106,7 @@ ENTRIES: tuple[Entry, ...] = (
           "var_tokenizer", "data=mnist", "mnist", pictures=("reconstructions.png",)),
     Entry("mnist/var", _MNIST, "next_scale",
           "VAR-tiny (4 blocks x 64) on mnist/var_tokenizer's tokens; guidance 2, top-p 0.9",
-          "var", "data=mnist", "mnist", target=0.90, needs="mnist/var_tokenizer",
+          "var", "data=mnist", "mnist", target=0.90, tokenizer="mnist/var_tokenizer",
           pictures=("samples.png",)),
     Entry("cifar10/reference_classifier", _CIFAR, "classifier",
           "reference CNN: scores every CIFAR-10 sample below", "reference_classifier",
@@ -122,7 +119,7 @@ ENTRIES: tuple[Entry, ...] = (
           "data=cifar10", "cifar10", pictures=("reconstructions.png",)),
     Entry("cifar10/var", _CIFAR, "next_scale",
           "VAR-S on cifar10/var_tokenizer's tokens; linear guidance 1.5, top-k 225, top-p 0.96",
-          "var", "data=cifar10", "cifar10", target=0.70, needs="cifar10/var_tokenizer",
+          "var", "data=cifar10", "cifar10", target=0.70, tokenizer="cifar10/var_tokenizer",
           pictures=("samples.png",)),
 )
 _BY_KEY = {e.key: e for e in ENTRIES}
@@ -131,16 +128,9 @@ CPU_KEYS = tuple(e.key for e in ENTRIES if "GPU" not in e.group)
 
 
 def entries(keys: Iterable[str] | None = None) -> list[Entry]:
-  """The entries whose key equals or starts with one of `keys` (all when None), plus the
-  entries they need (a VAR's tokenizer), in table order, so a dependency runs first."""
-  chosen = {e.key for e in grids.select_entries(ENTRIES, keys, CPU_KEYS)}
-  pending = list(chosen)
-  while pending:
-    needed = _BY_KEY[pending.pop()].needs
-    if needed and needed not in chosen:
-      chosen.add(needed)
-      pending.append(needed)
-  return [e for e in ENTRIES if e.key in chosen]
+  """The entries whose key equals or starts with one of `keys`, in table order (all when None;
+  a prefix that also reaches CPU entries selects only those: `grids.select_entries`)."""
+  return grids.select_entries(ENTRIES, keys, CPU_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +144,7 @@ class GenerationRun:
   seed: int | None
   workdir: pathlib.Path
   fast: bool = False
-  dependency: GenerationRun | None = None  # the run whose workdir this one reads
+  tokenizer_workdir: pathlib.Path | None = None  # the tokenizer run it reads (VAR)
   # The reference classifier shared by every sample score (protocol mode): the finished run
   # there is what scores samples, whatever config it was trained with.
   shared_reference: bool = False
@@ -178,122 +168,56 @@ class GenerationRun:
     parts = [self.entry.arg]
     if self.seed is not None:
       parts.append(f"seed={self.seed}")
-    if self.dependency is not None:
-      parts.append(f"tokenizer_workdir={self.dependency.workdir}")
+    if self.tokenizer_workdir is not None:
+      parts.append(f"tokenizer_workdir={self.tokenizer_workdir}")
     if self.fast:
       parts.append("runlocal")
     return ",".join(parts)
 
   @property
   def command(self) -> str:
-    return (f"python -m experiments.run --workdir={self.workdir} "
-            f"--config=experiments/configs/{self.entry.config}.py:{self.config_arg}")
+    return grids.run_command(self.workdir, self.entry.config, self.config_arg)
 
   def today_config(self):
     """The config today's `experiments/configs/<config>.py` builds for this run."""
-    return grids.load_config(self.entry.config, self.config_arg)
+    return configs.load(self.entry.config, self.config_arg)
 
   def config(self):
-    """The config this run trains (or was trained) with. Raises ValueError, which the shared
-    loop reports as a cell it cannot run, while the run it depends on has not finished."""
-    finished = (self.workdir / "results.json").exists()
-    if self.dependency is not None and not finished:
-      state = run_state(self.dependency)
-      if state.status != "done":
-        raise ValueError(f"{WAITING}: the {self.dependency.entry.key} run "
-                         f"{self.dependency.label} must finish first (it is {state.status}: "
-                         f"{self.dependency.workdir})")
-    if self.shared_reference and finished and (self.workdir / "config.json").exists():
-      from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
-      return metrics.read_workdir_config(self.workdir)
+    """The config this run trains (or was trained) with: the shared reference classifier's
+    finished run counts with the config it saved."""
+    if self.shared_reference and workdir_lib.is_done(self.workdir):
+      return workdir_lib.read_config(self.workdir)
     return self.today_config()
-
-
-def reference_workdir(data: str) -> pathlib.Path:
-  """Where `paperzoo.generation.metrics.reference_classifier(data)` keeps its run."""
-  from paperzoo.data.files import cache_dir  # pylint: disable=g-import-not-at-top
-  return cache_dir("reference_classifiers") / data
 
 
 def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
          fast: bool = False, ledger: run_ledger.Ledger | None = None) -> list[GenerationRun]:
   """The runs of `chosen` in order (entry, then seed): one per seed, one for a classifier."""
   root = grids.check_workdir(workdir) / ("fast" if fast else "protocol")
-  seeds = grids.seeds_list(seeds)
-  by_key: dict[tuple[str, int | None], GenerationRun] = {}
   result = []
   for entry in chosen:
     if entry.kind == "classifier":
-      run = (GenerationRun(entry, None, root / entry.key, fast, ledger=ledger) if fast else
-             GenerationRun(entry, None, reference_workdir(entry.data), shared_reference=True,
-                           ledger=ledger))
-      result.append(run)
+      result.append(
+          GenerationRun(entry, None, root / entry.key, fast, ledger=ledger) if fast else
+          GenerationRun(entry, None, metrics.shared_reference_workdir(entry.data),
+                        shared_reference=True, ledger=ledger))
       continue
-    for seed in seeds:
-      dependency = None
-      if entry.needs:
-        dependency = by_key.get((entry.needs, seed)) or GenerationRun(
-            _BY_KEY[entry.needs], seed, root / entry.needs / f"seed{seed}", fast, ledger=ledger)
-      run = GenerationRun(entry, seed, root / entry.key / f"seed{seed}", fast, dependency,
-                          ledger=ledger)
-      by_key[(entry.key, seed)] = run
-      result.append(run)
+    for seed in grids.seeds_list(seeds):
+      tokenizer = None if entry.tokenizer is None else root / entry.tokenizer / f"seed{seed}"
+      result.append(GenerationRun(entry, seed, root / entry.key / f"seed{seed}", fast,
+                                  tokenizer, ledger=ledger))
   return result
 
 
 def run_state(run: GenerationRun) -> grids.RunState:
-  """The shared run states, plus "waiting" for a run whose dependency has not finished."""
+  """The shared run states; the shared reference classifier known only from the ledger counts
+  as done whatever its config (as when its workdir is there)."""
   state = grids.run_state(run)
-  if state.status == "unsupported" and state.detail.startswith(f"{WAITING}: "):
-    return grids.RunState(WAITING, detail=state.detail.removeprefix(f"{WAITING}: "))
   if (run.shared_reference and state.status == "stale"
       and not (run.workdir / "results.json").exists()):
-    # Known from the ledger only: the recorded classifier scored the recorded samples, whatever
-    # its config (as when its workdir is there); `_reference_note` says that it is gone.
+    # `_reference_note` says that its workdir is gone.
     return grids.RunState("done", state.results, finished=state.finished)
   return state
-
-
-def run_generation(keys: Iterable[str] | None = None, *, seeds: int | Sequence[int] = 3,
-                   workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                   report: str | os.PathLike | None = None, rerun_stale: bool = False,
-                   train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, list[Any]]:
-  """Trains every unfinished run of the chosen entries (default: the CPU ones) and what they
-  need, writing the report after each; returns the runs by outcome
-  (`grids.train_runs`, plus "waiting": runs whose dependency did not finish)."""
-  chosen = entries(keys if keys is not None else CPU_KEYS)
-  ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
-  grid_runs = runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
-
-  def write() -> None:
-    if report is not None:
-      update_report(chosen, seeds=seeds, workdir=workdir, fast=fast, report=report)
-
-  outcome = grids.train_runs(
-      grid_runs, train_fn=train_fn, write=write, rerun_stale=rerun_stale, log=log,
-      describe=lambda run: " ".join(filter(None, [run.entry.key, run.label])),
-      summarize=lambda results: _summary(run_metrics(results)))
-  outcome["waiting"] = [run for run in outcome["unsupported"]
-                        if run_state(run).status == WAITING]
-  outcome["unsupported"] = [run for run in outcome["unsupported"]
-                            if run not in outcome["waiting"]]
-  return outcome
-
-
-def update_report(chosen: Sequence[Entry] = (), *,
-                  seeds: int | Sequence[int] = grids.REPORT_SEEDS,
-                  workdir: str | os.PathLike = DEFAULT_WORKDIR, fast: bool = False,
-                  report: str | os.PathLike = DEFAULT_REPORT) -> dict[str, pathlib.Path]:
-  """Records the finished workdirs in the report's ledger and rewrites the whole table (every
-  CPU entry and `chosen`); see `grids.update_entry_report`."""
-  return grids.update_entry_report(sys.modules[__name__], chosen, seeds=seeds,
-                                   workdir=workdir, fast=fast, report=report)
-
-
-def reproduce_command(keys: Sequence[str], *, seeds: int | Sequence[int],
-                      workdir: str | os.PathLike, fast: bool) -> str:
-  return grids.entries_command("generation", keys, seeds=seeds, workdir=workdir, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +322,7 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
             workdir: str | os.PathLike, fast: bool = False,
             ledger: run_ledger.Ledger | None = None) -> list[Row]:
   """Each entry's runs and the scores of the finished, up-to-date ones, from the workdirs,
-  then `ledger` (stale, failed and waiting runs are named, not averaged)."""
+  then `ledger` (stale and failed runs are named, not averaged)."""
   by_entry: dict[str, list[GenerationRun]] = {}
   for run in runs(chosen, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger):
     by_entry.setdefault(run.entry.key, []).append(run)
@@ -413,8 +337,6 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
         record.finished = state.finished
         if run.shared_reference:
           record.note = _reference_note(run)
-        elif run.dependency is not None:
-          record.note = _dependency_note(run)
       records.append(record)
     counts: dict[str, int] = {}
     for record in records:
@@ -439,7 +361,8 @@ def _reference_note(run: GenerationRun) -> str:
     record = run.ledger.get(run.key) if run.ledger is not None else None
     today = run_ledger.config_digest(run_ledger.config_dict(run.today_config()))
     other = record is not None and record.config_digest != today
-    return (f"recorded in the ledger; its workdir {run.workdir} is gone, so the next sample "
+    return (f"recorded in the ledger; its workdir {grids.display_path(run.workdir)} is gone, so "
+            "the next sample "
             "scores train a new classifier" + (" (this one was trained with another config "
                                                "than today's)" if other else ""))
   try:
@@ -452,21 +375,10 @@ def _reference_note(run: GenerationRun) -> str:
     return ""
   shown = ", ".join(f"{k}={_lookup(saved, k)!r} (today {_lookup(today, k)!r})"
                     for k in differences[:4])
-  return (f"the classifier in {run.workdir} (the one that scores samples) was trained with "
+  return (f"the classifier in {grids.display_path(run.workdir)} (the one that scores samples) "
+          "was trained with "
           f"{shown}{' ...' if len(differences) > 4 else ''}; kept, since retraining it changes "
           "every sample score (delete the folder to retrain)")
-
-
-def _dependency_note(run: GenerationRun) -> str:
-  """Says so when the run this one read finished after this one started (it was retrained:
-  this run's scores belong to the old one)."""
-  read = run.dependency.workdir / "results.json"
-  started = run.workdir / "config.json"
-  if read.exists() and started.exists() and read.stat().st_mtime > started.stat().st_mtime:
-    return (f"{run.label}: {run.dependency.entry.key} {run.dependency.label} finished after "
-            f"this run started, so it was trained on an earlier one; delete {run.workdir} to "
-            "retrain it")
-  return ""
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
@@ -520,7 +432,7 @@ def _ran(row: Row) -> str:
 
 
 def _status_text(row: Row) -> str:
-  return "; ".join([row.status] + row.notes).replace("|", "/")
+  return "; ".join([row.status] + row.notes)
 
 
 def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
@@ -539,26 +451,15 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
       record.pictures = grids.copy_pictures(
           record.run.workdir, record.run.entry.pictures, pictures,
           entry_key=record.run.entry.key, seed=record.run.seed)
-  machine = grids.machine_description()
-  finished = [r.finished for row in rows for r in row.done if r.finished is not None]
-  dates = (f"runs finished between {grids.format_date(min(finished))} and "
-           f"{grids.format_date(max(finished))}" if finished else "no run finished yet")
-  seeds = sorted({r.run.seed for row in rows for r in row.records if r.run.seed is not None})
-  lines = ["# Image generation: DiT, LiT and VAR (issue 6)", ""]
+  lines = grids.report_header(
+      "Image generation: DiT, LiT and VAR", command=command,
+      finished=[r.finished for row in rows for r in row.done],
+      seeds=sorted({r.run.seed for row in rows for r in row.records if r.run.seed is not None}),
+      fast=fast, seeds_note="; the reference classifier is one run. Each row says when its "
+      "runs finished, with which jax, on which devices")
   if fast:
-    lines += ["**Smoke mode (--fast): every run is its config's `runlocal` setting (two training "
-              "steps, tiny models); runlocal DiT, LiT and VAR score no samples. These numbers "
-              "test the machinery only; they are NOT the protocol.**", ""]
+    lines.append("- Runlocal DiT, LiT and VAR score no samples.")
   lines += [
-      f"- Command: `{command}`",
-      f"- Written: {grids.format_date(time.time())}; {dates}",
-      f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
-      f"paperzoo commit {machine['commit']}",
-      f"- Machine (writing this report): {machine['platform']}; CPU {machine['cpu']}; "
-      f"{machine['devices']}. Each row says when its runs finished, with which jax, on which "
-      "devices.",
-      f"- Seeds: {', '.join(map(str, seeds)) or '-'}; scores are mean ± sample std over the "
-      "seeds that finished (n); the reference classifier is one run.",
       "- Guided class accuracy: the fraction of class-conditional samples (the config's "
       "samples per class, sampler and guidance) that the data set's reference classifier labels "
       "with their class. Classifier Frechet distance: the Frechet distance between real test "
@@ -567,9 +468,9 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
       "reference classifier. bits/dim: DDPM's variational bound on the test split, estimated "
       "over the config's evaluation timesteps. PSNR (uint8) and codebook usage (the fraction "
       "of codes some test token uses): the tokenizer's best checkpoint on the test split.",
-      "- Target (issue 6): guided class accuracy >= 90% for DiT-tiny and VAR-tiny on MNIST "
-      "(CPU-sized runs), >= 70% for DiT-S/2 and VAR on CIFAR-10 (one GPU); met = the mean "
-      "over seeds reaches it.",
+      "- Target: guided class accuracy >= 90% for DiT-tiny and VAR-tiny on MNIST (CPU-sized "
+      "runs), >= 70% for DiT-S/2 and VAR on CIFAR-10 (one GPU); met = the mean over seeds "
+      "reaches it.",
   ]
   for kind in KINDS:
     kind_rows = [row for row in rows if row.entry.kind == kind]
@@ -581,15 +482,12 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
     header = (["entry", "model"] + [METRICS[n][0] for n in names]
               + (["target", "met"] if with_target else [])
               + ["status", "finished; jax; devices", "pictures", "command"])
-    lines += ["", f"## {KIND_TITLES[kind]}", "", "| " + " | ".join(header) + " |",
-              "| " + " | ".join("---" for _ in header) + " |"]
-    for row in kind_rows:
-      first_pictures = row.done[0].pictures if row.done else []
-      cells = ([row.entry.key, row.entry.model] + [_fmt(row, n) for n in names]
-               + ([_target(row), _meets(row, fast)] if with_target else [])
-               + [_status_text(row), _ran(row), links(first_pictures),
-                  f"`{row.records[0].run.command}`"])
-      lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"## {KIND_TITLES[kind]}", ""]
+    lines += grids.markdown_table(header, (
+        [row.entry.key, row.entry.model] + [_fmt(row, n) for n in names]
+        + ([_target(row), _meets(row, fast)] if with_target else [])
+        + [_status_text(row), _ran(row), links(row.done[0].pictures if row.done else []),
+           f"`{row.records[0].run.command}`"] for row in kind_rows))
   lines += ["", "## Every run", ""]
   for row in rows:
     for record in row.records:
@@ -606,48 +504,54 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
           f"{seconds:.0f} s (compile + train + eval); finished "
           f"{grids.format_date(record.finished)}, jax {results.get('jax_version', '?')}, "
           f"{results.get('devices', '?')}; pictures {links(record.pictures)}; "
-          f"workdir `{run.workdir}`. `{run.command}`")
+          f"workdir `{grids.display_path(run.workdir)}`. `{run.command}`")
   lines += ["", f"CSV with the per-seed scores and every command: `{path.with_suffix('.csv').name}`"
             f"; pictures: `{os.path.relpath(pictures, path.parent)}/`.", ""]
   path.write_text("\n".join(lines))
 
-  csv_path = path.with_suffix(".csv")
   fields = ["mode", "entry", "group", "kind", "model", "seeds_requested", "seeds_done", "n"]
   for name in METRICS:
     fields += [f"{name}_mean", f"{name}_std", f"{name}_per_seed"]
   fields += ["target_class_accuracy", "meets_target", "status", "last_finished",
              "jax_versions", "devices", "pictures", "commands"]
-  with csv_path.open("w", newline="") as stream:
-    writer = csv.DictWriter(stream, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-      met = row.meets_target
-      line = {
-          "mode": "fast" if fast else "protocol", "entry": row.entry.key,
-          "group": row.entry.group, "kind": row.entry.kind, "model": row.entry.model,
-          "seeds_requested": " ".join(str(r.run.seed) for r in row.records
-                                      if r.run.seed is not None),
-          "seeds_done": " ".join(str(r.run.seed) for r in row.done if r.run.seed is not None),
-          "n": len(row.done),
-          "target_class_accuracy": "" if row.entry.target is None else row.entry.target,
-          "meets_target": "" if met is None or fast else ("yes" if met else "no"),
-          "status": _status_text(row),
-          "last_finished": (grids.format_date(max(
-              (r.finished for r in row.done if r.finished is not None), default=None))
-                            if row.done else ""),
-          "jax_versions": " ".join(sorted({str(r.state.results.get("jax_version", ""))
-                                           for r in row.done})),
-          "devices": " ".join(sorted({str(r.state.results.get("devices", ""))
-                                      for r in row.done})),
-          "pictures": " ".join(os.path.relpath(copy, path.parent)
-                               for r in row.done for _, copy in r.pictures),
-          "commands": " ; ".join(r.run.command for r in row.records),
-      }
-      for name in METRICS:
-        values = row.values(name)
-        mean, std = row.mean_std(name)
-        line[f"{name}_mean"] = "" if not values else f"{mean:.6g}"
-        line[f"{name}_std"] = "" if math.isnan(std) else f"{std:.6g}"
-        line[f"{name}_per_seed"] = " ".join(f"{v:.6g}" for v in values)
-      writer.writerow(line)
+
+  def csv_row(row: Row) -> dict[str, Any]:
+    met = row.meets_target
+    line = {
+        "mode": "fast" if fast else "protocol", "entry": row.entry.key,
+        "group": row.entry.group, "kind": row.entry.kind, "model": row.entry.model,
+        "seeds_requested": " ".join(str(r.run.seed) for r in row.records
+                                    if r.run.seed is not None),
+        "seeds_done": " ".join(str(r.run.seed) for r in row.done if r.run.seed is not None),
+        "n": len(row.done),
+        "target_class_accuracy": "" if row.entry.target is None else row.entry.target,
+        "meets_target": "" if met is None or fast else ("yes" if met else "no"),
+        "status": _status_text(row),
+        "last_finished": (grids.format_date(max(
+            (r.finished for r in row.done if r.finished is not None), default=None))
+                          if row.done else ""),
+        "jax_versions": " ".join(sorted({str(r.state.results.get("jax_version", ""))
+                                         for r in row.done})),
+        "devices": " ".join(sorted({str(r.state.results.get("devices", ""))
+                                    for r in row.done})),
+        "pictures": " ".join(os.path.relpath(copy, path.parent)
+                             for r in row.done for _, copy in r.pictures),
+        "commands": " ; ".join(r.run.command for r in row.records),
+    }
+    for name in METRICS:
+      values = row.values(name)
+      mean, std = row.mean_std(name)
+      line[f"{name}_mean"] = "" if not values else f"{mean:.6g}"
+      line[f"{name}_std"] = "" if math.isnan(std) else f"{std:.6g}"
+      line[f"{name}_per_seed"] = " ".join(f"{v:.6g}" for v in values)
+    return line
+
+  csv_path = grids.write_csv(path.with_suffix(".csv"), fields, map(csv_row, rows))
   return {"md": path, "csv": csv_path}
+
+
+GRID = grids.entry_grid(
+    "generation", default_workdir=DEFAULT_WORKDIR, default_report=DEFAULT_REPORT,
+    entries=entries, cpu_keys=CPU_KEYS, runs=runs, collect=collect, write_report=write_report,
+    describe=lambda run: " ".join(filter(None, [run.entry.key, run.label])),
+    summarize=lambda results: _summary(run_metrics(results)))

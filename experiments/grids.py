@@ -1,17 +1,20 @@
 """What the reproduction grids (forecasting, classification, generation) share.
 
 A grid is a table of runs, one workdir per run under the grid's root; `experiments.reproduce`
-trains the unfinished ones and rewrites the table's report. Every grid uses these pieces:
+trains the unfinished ones and rewrites the table's report. Each grid module defines its runs,
+rows and report, and one `Grid` (its `GRID`): the explicit record of those pieces that the
+command line and the shared code below take. Shared here:
 
-  * runs: `load_config` (the config `experiments.run` builds), `seeds_list`, the command flags,
-    `select_entries` (entry keys and prefixes), `check_workdir`;
+  * runs: `seeds_list`, the command flags, `select_entries` (entry keys and prefixes),
+    `check_workdir`;
   * `run_state`: what a run's workdir, then the report's ledger (run_ledger), says about it:
     done, stale (its config changed since), failed, started, not run, or refused by its config;
-  * `train_runs`: the training loop (skip the finished, resume the half-done, record failures,
-    stop on preemption, rewrite the report after each run; a lock per run, `claim_run`, lets
-    several processes share a grid); `rewrite_report`, every grid's report update under the
-    report's lock, and `update_entry_report` for the grids of named entries;
-  * the report's pieces: `mean_std`, `machine_description`, `format_date`, and the pictures
+  * `Grid.train`: the training loop (skip the finished, resume the half-done, train what a run
+    reads first (`experiments.prerequisites`), record failures, stop on preemption, rewrite the
+    report after each run; a lock per run lets several processes share a grid), and
+    `Grid.update_report`, every grid's report update under the report's lock;
+  * the report's pieces: `report_header` (title, command, dates, versions, machine, seeds),
+    `markdown_table`, `write_csv`, `mean_std`, `format_date`, `display_path`, and the pictures
     copied beside a report (`picture_dir`, `copy_pictures`, `picture_links`).
 
 A run is anything with `key`, `workdir`, `command`, `config()` and `ledger` (see each grid's
@@ -21,25 +24,25 @@ run class: `forecasting_grid.Run`, `classification_grid.ClassificationRun`,
 
 from __future__ import annotations
 
-import contextlib
+import csv
 import dataclasses
 import datetime
-import importlib
 import json
 import math
 import os
 import pathlib
 import platform
 import shutil
-import traceback
-from typing import Any, Callable, Iterable, Sequence
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from experiments import prerequisites
 from experiments import run_ledger
+from paperzoo import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
 FIRST_SEED = 2021  # seeds are FIRST_SEED, FIRST_SEED + 1, ...
 # A report shows at least this many seeds, whatever a run asked for: a one-seed run updates its
 # cells without hiding the other seeds of the table.
@@ -48,20 +51,6 @@ REPORT_SEEDS = 3
 
 # ---------------------------------------------------------------------------------------------
 # Runs: configs, seeds, entries, workdirs.
-
-def config_files(config_dir: str | os.PathLike = CONFIG_DIR) -> list[str]:
-  """The configs in `config_dir`: its .py files but common.py and private ones (_*.py)."""
-  return sorted(p.stem for p in pathlib.Path(config_dir).glob("*.py")
-                if p.stem != "common" and not p.stem.startswith("_"))
-
-
-def load_config(model: str, arg: str | None):
-  """`experiments/configs/<model>.py`'s get_config(arg), the config `experiments.run` builds."""
-  if not (CONFIG_DIR / f"{model}.py").exists():
-    raise FileNotFoundError(f"no config experiments/configs/{model}.py; configs: "
-                            f"{', '.join(config_files())}")
-  return importlib.import_module(f"experiments.configs.{model}").get_config(arg)
-
 
 def seeds_list(seeds: int | Sequence[int]) -> list[int]:
   """`3` -> [2021, 2022, 2023]; an explicit list is kept."""
@@ -119,6 +108,12 @@ def entries_command(subcommand: str, keys: Sequence[str], *, seeds: int | Sequen
   return " ".join(parts + (["--fast"] if fast else []))
 
 
+def run_command(workdir: pathlib.Path, config: str, arg: str) -> str:
+  """The `experiments.run` command that trains one run of a grid alone."""
+  return (f"python -m experiments.run --workdir={display_path(workdir)} "
+          f"--config=experiments/configs/{config}.py:{arg}")
+
+
 def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """The grid's root directory; never inside the repository (checkpoints do not belong there)."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -157,12 +152,11 @@ def run_state(run: Any) -> RunState:
     return RunState("unsupported", detail=str(error))
   except Exception as error:  # pylint: disable=broad-except  (a config being written)
     return RunState("config error", detail=f"{type(error).__name__}: {error}")
-  results_path = run.workdir / "results.json"
-  if results_path.exists():
-    results = json.loads(results_path.read_text())
-    saved_path = run.workdir / "config.json"
+  results = workdir_lib.read_results(run.workdir)
+  if results is not None:
+    saved_path = run.workdir / workdir_lib.CONFIG_FILE
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    finished = results_path.stat().st_mtime
+    finished = (run.workdir / workdir_lib.RESULTS_FILE).stat().st_mtime
     differences = run_ledger.config_differences(saved, run_ledger.config_dict(config))
     if differences:
       return RunState("stale", results, "config changed since the run: "
@@ -191,70 +185,142 @@ def run_state(run: Any) -> RunState:
 OUTCOMES = ("trained", "skipped", "busy", "unsupported", "stale", "failed", "preempted")
 
 
-def train_runs(grid_runs: Sequence[Any], *,
-               train_fn: Callable[[Any, pathlib.Path], dict[str, Any]] | None,
-               write: Callable[[], None], rerun_stale: bool, log: Callable[[str], None],
-               describe: Callable[[Any], str], summarize: Callable[[dict[str, Any]], str]
-               ) -> dict[str, list[Any]]:
-  """The loop every reproduction grid shares: trains each unfinished run in order (with
-  `train_fn`, default `paperzoo.train_and_evaluate`), calling `write()` after each, and returns
-  the runs sorted by outcome (OUTCOMES). A run is anything with `workdir`, `command` and
-  `config()` (see `run_state`)."""
-  if train_fn is None:
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    train_fn = paperzoo.train_and_evaluate
-  outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
-  for index, run in enumerate(grid_runs, 1):
-    name = f"[{index}/{len(grid_runs)}] {describe(run)}"
-    with claim_run(run.workdir) as claimed:
-      if not claimed:
-        outcome["busy"].append(run)
-        log(f"{name}: another process is training it, skipped ({run.workdir})")
-        continue
-      state = run_state(run)
-      if state.status == "done":
-        outcome["skipped"].append(run)
-        log(f"{name}: finished before, skipped ({run.workdir})")
-        continue
-      if state.status in REFUSED:
-        outcome["unsupported"].append(run)
-        log(f"{name}: {state.status}: {state.detail}")
-        continue
-      if state.status == "stale":
-        if not rerun_stale:
-          outcome["stale"].append(run)
-          log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """One reproduction table: the pieces a grid module defines, which `experiments.reproduce`
+  and the shared loop take explicitly.
+
+  A selection says which runs a caller wants: entry keys for the classification and generation
+  grids, `forecasting_grid.Cells` for forecasting. Each function takes it as its first
+  argument:
+
+    runs(selection, *, seeds, workdir, fast, ledger)      the runs, in training order
+    collect(selection, *, seeds, workdir, fast, ledger)   the report's rows, from the workdirs
+                                                          and then the ledger
+    write_report(rows, path, *, command, fast)            markdown (and CSV, ...) -> paths
+    command(selection, *, seeds, workdir, fast)           the `experiments.reproduce` command
+    whole_table(selection)                                what a report shows: the table's
+                                                          CPU part and the selection
+    describe(run), summarize(results)                     one log line each
+  """
+
+  name: str
+  default_workdir: pathlib.Path
+  default_report: pathlib.Path
+  runs: Callable[..., list[Any]]
+  collect: Callable[..., list[Any]]
+  write_report: Callable[..., dict[str, pathlib.Path]]
+  command: Callable[..., str]
+  whole_table: Callable[[Any], Any]
+  describe: Callable[[Any], str]
+  summarize: Callable[[dict[str, Any]], str]
+
+  def train(self, selection: Any, *, seeds: int | Sequence[int] = 3,
+            workdir: str | os.PathLike | None = None, fast: bool = False,
+            report: str | os.PathLike | None = None, rerun_stale: bool = False,
+            train_fn: prerequisites.TrainFn | None = None,
+            log: Callable[[str], None] = print) -> dict[str, list[Any]]:
+    """Trains every unfinished run of `selection` in order (with `train_fn`, default
+    `paperzoo.train_and_evaluate`; what a run reads first, `experiments.prerequisites`),
+    rewriting `report` (if given) after each; returns the runs by outcome (OUTCOMES).
+
+    A finished run is skipped, a half-finished one resumes; one that another process is
+    training is "busy" (skipped); a stale one (config changed since) is kept unless
+    `rerun_stale` (then moved aside to `<workdir>.staleK` and retrained). A run that raises is
+    recorded in `<workdir>/error.txt` and the grid goes on; a preempted run (SIGTERM: the
+    trainer saves and returns "preempted") stops the grid. Running again resumes both.
+    """
+    workdir = check_workdir(workdir or self.default_workdir)
+    ledger = None if report is None else run_ledger.Ledger(run_ledger.ledger_path(report))
+    grid_runs = self.runs(selection, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+
+    def write() -> None:
+      if report is not None:
+        self.update_report(selection, seeds=seeds, workdir=workdir, fast=fast, report=report)
+
+    outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
+    for index, run in enumerate(grid_runs, 1):
+      name = f"[{index}/{len(grid_runs)}] {self.describe(run)}"
+      with run_ledger.run_lock(run.workdir, wait=False) as claimed:
+        if not claimed:
+          outcome["busy"].append(run)
+          log(f"{name}: another process is training it, skipped ({run.workdir})")
           continue
-        if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
-          _move_aside(run.workdir)
-      log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
-                                                     else ""))
-      run.workdir.mkdir(parents=True, exist_ok=True)
-      try:
-        results = train_fn(run.config(), run.workdir)
-      except Exception:  # pylint: disable=broad-except  (recorded; the grid goes on)
-        (run.workdir / "error.txt").write_text(f"{run.command}\n\n{traceback.format_exc()}")
-        outcome["failed"].append(run)
-        log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")
+        state = run_state(run)
+        if state.status == "done":
+          outcome["skipped"].append(run)
+          log(f"{name}: finished before, skipped ({run.workdir})")
+          continue
+        if state.status in REFUSED:
+          outcome["unsupported"].append(run)
+          log(f"{name}: {state.status}: {state.detail}")
+          continue
+        if state.status == "stale":
+          if not rerun_stale:
+            outcome["stale"].append(run)
+            log(f"{name}: STALE, not retrained ({state.detail}); rerun_stale retrains it")
+            continue
+          if run.workdir.exists():  # (a stale run known only from the ledger has no workdir)
+            _move_aside(run.workdir)
+        log(f"{name}: training in {run.workdir}" + (" (resuming)" if state.status == "started"
+                                                       else ""))
+        try:
+          results = prerequisites.train_run(run.config(), run.workdir, run.command,
+                                            train_fn=train_fn,
+                                            log=lambda message: log(f"{name}: {message}"))
+        except Exception:  # pylint: disable=broad-except  (in error.txt; the grid goes on)
+          outcome["failed"].append(run)
+          log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")
+          write()
+          continue
+        if results.get("status") == "preempted":
+          outcome["preempted"].append(run)
+          log(f"{name}: preempted at step {results.get('step')}; run again to resume")
+          break
+        outcome["trained"].append(run)
+        log(f"{name}: {self.summarize(results)}")
         write()
-        continue
-      if results.get("status") == "preempted":
-        outcome["preempted"].append(run)
-        log(f"{name}: preempted at step {results.get('step')}; run again to resume")
-        break
-      (run.workdir / "error.txt").unlink(missing_ok=True)
-      outcome["trained"].append(run)
-      log(f"{name}: {summarize(results)}")
-      write()
-  write()
-  return outcome
+    write()
+    return outcome
+
+  def update_report(self, selection: Any = None, *,
+                    seeds: int | Sequence[int] = REPORT_SEEDS,
+                    workdir: str | os.PathLike | None = None, fast: bool = False,
+                    report: str | os.PathLike | None = None) -> dict[str, pathlib.Path]:
+    """Records the finished workdirs in the report's ledger, then rewrites the whole table
+    (`whole_table(selection)`, `report_seeds(seeds)`) from the workdirs and the ledger, all
+    under the report's lock (so several processes can share one report); returns
+    write_report's paths."""
+    workdir = check_workdir(workdir or self.default_workdir)
+    report = report or self.default_report
+    selection, seeds = self.whole_table(selection), report_seeds(seeds)
+    command = self.command(selection, seeds=seeds, workdir=workdir, fast=fast)
+    with run_ledger.report_lock(report):
+      ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
+      ledger.sync(self.runs(selection, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger))
+      rows = self.collect(selection, seeds=seeds, workdir=workdir, fast=fast, ledger=ledger)
+      return self.write_report(rows, report, command=command, fast=fast)
 
 
-def claim_run(workdir: pathlib.Path) -> contextlib.AbstractContextManager[bool]:
-  """Held while a grid trains the run in `workdir` (`.<name>.lock` beside it, so it outlives
-  `_move_aside`). Yields False when another process holds it: several processes given the same
-  grid (one per core or per GPU) then share its runs out, each training the next free one."""
-  return run_ledger.file_lock(workdir.parent / f".{workdir.name}.lock", wait=False)
+def entry_grid(name: str, *, default_workdir: pathlib.Path, default_report: pathlib.Path,
+               entries: Callable[[Iterable[str]], list[Any]], cpu_keys: Sequence[str],
+               runs: Callable[..., list[Any]], collect: Callable[..., list[Any]],
+               write_report: Callable[..., dict[str, pathlib.Path]],
+               describe: Callable[[Any], str],
+               summarize: Callable[[dict[str, Any]], str]) -> Grid:
+  """The Grid of a table of named entries (classification, generation), whose `runs` and
+  `collect` take entries: a selection is entry keys or key prefixes (`entries(keys)`; None:
+  the entries that fit a CPU), and a report shows every CPU entry and the ones chosen."""
+  chosen = lambda keys: entries(list(cpu_keys) if keys is None else keys)
+  return Grid(
+      name=name, default_workdir=default_workdir, default_report=default_report,
+      runs=lambda keys, **kwargs: runs(chosen(keys), **kwargs),
+      collect=lambda keys, **kwargs: collect(chosen(keys), **kwargs),
+      write_report=write_report,
+      command=lambda keys, **kwargs: entries_command(name, [e.key for e in chosen(keys)],
+                                                     **kwargs),
+      whole_table=lambda keys: sorted(set(keys or ()) | set(cpu_keys)),
+      describe=describe, summarize=summarize)
 
 
 def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
@@ -264,40 +330,6 @@ def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
       workdir.rename(target)
       return target
   raise RuntimeError(f"too many stale copies of {workdir}")
-
-
-def update_entry_report(grid: Any, chosen: Sequence[Any], *, seeds: int | Sequence[int],
-                        workdir: str | os.PathLike, fast: bool, report: str | os.PathLike
-                        ) -> dict[str, pathlib.Path]:
-  """`update_report` of an entry grid (the classification or generation module, `grid`):
-  records the finished workdirs in the report's ledger, then rewrites the whole table (every
-  entry of `grid.CPU_KEYS` and `chosen`, `report_seeds(seeds)`) from the workdirs and the
-  ledger; returns write_report's paths."""
-  chosen = grid.entries({e.key for e in chosen} | set(grid.CPU_KEYS))
-  seeds = report_seeds(seeds)
-  command = grid.reproduce_command([e.key for e in chosen], seeds=seeds, workdir=workdir,
-                                   fast=fast)
-  return rewrite_report(
-      report,
-      runs=lambda ledger: grid.runs(chosen, seeds=seeds, workdir=workdir, fast=fast,
-                                    ledger=ledger),
-      collect=lambda ledger: grid.collect(chosen, seeds=seeds, workdir=workdir, fast=fast,
-                                          ledger=ledger),
-      write=lambda rows: grid.write_report(rows, report, command=command, fast=fast))
-
-
-def rewrite_report(report: str | os.PathLike, *,
-                   runs: Callable[[run_ledger.Ledger], Iterable[Any]],
-                   collect: Callable[[run_ledger.Ledger], Any],
-                   write: Callable[[Any], dict[str, pathlib.Path]]
-                   ) -> dict[str, pathlib.Path]:
-  """What every grid's `update_report` does, under the report's lock: reads the ledger, records
-  the finished workdirs of `runs(ledger)` in it, then `write(collect(ledger))`. Holding the
-  lock from the read to the write is what lets several processes share one report."""
-  with run_ledger.report_lock(report):
-    ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
-    ledger.sync(runs(ledger))
-    return write(collect(ledger))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +362,66 @@ def machine_description() -> dict[str, str]:
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
       "commit": run_ledger.current_commit(),
   }
+
+
+def report_header(title: str, *, command: str, finished: Sequence[float | None],
+                  seeds: Sequence[int], fast: bool, runs_used: Sequence[str] = (),
+                  seeds_note: str = "") -> list[str]:
+  """The lines every report starts with: its title, the smoke-mode warning, the command, when it
+  was written and when its runs finished (`finished`: one time per finished run, None where
+  only the ledger knows it without a time), versions, machine, seeds."""
+  machine = machine_description()
+  known = [t for t in finished if t is not None]
+  dates = (f"runs finished between {format_date(min(known))} and {format_date(max(known))}"
+           if known else "")
+  if len(finished) > len(known):
+    dates += ("; " if dates else "") + (f"{len(finished) - len(known)} of {len(finished)} "
+                                        "finished runs at unknown times (recovered records, "
+                                        "see the ledger)")
+  lines = [f"# {title}", ""]
+  if fast:
+    lines += ["**Smoke mode (--fast): every run is its config's `runlocal` setting (two "
+              "training steps, tiny models). These numbers test the machinery only; they are "
+              "NOT the protocol.**", ""]
+  used = f"; runs used {', '.join(runs_used)}" if runs_used else ""
+  return lines + [
+      f"- Command: `{command}`",
+      f"- Written: {format_date(time.time())}; {dates or 'no run finished yet'}",
+      f"- Versions: Python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}; "
+      f"paperzoo commit {machine['commit']}",
+      f"- Machine (writing this report): {machine['platform']}; CPU {machine['cpu']}; "
+      f"{machine['devices']}{used}",
+      f"- Seeds: {', '.join(map(str, seeds)) or '-'}; scores are mean ± sample std over the "
+      f"seeds that finished (n){seeds_note}.",
+  ]
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+  """A markdown table's lines (a "|" inside a cell is written as "/")."""
+  cell = lambda value: str(value).replace("|", "/")
+  return (["| " + " | ".join(map(cell, header)) + " |",
+           "| " + " | ".join("---" for _ in header) + " |"]
+          + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
+def write_csv(path: pathlib.Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]
+              ) -> pathlib.Path:
+  """A report's CSV: one line per row (dicts keyed by `fields`)."""
+  with open(path, "w", newline="") as stream:
+    writer = csv.DictWriter(stream, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def display_path(path: str | os.PathLike) -> str:
+  """`path` as a report shows it: under the home directory as `$HOME/...` (which a shell expands
+  inside `--workdir=...` too), so that a report never holds one machine's home path."""
+  path = pathlib.Path(path)
+  try:
+    return f"$HOME/{path.relative_to(pathlib.Path.home())}"
+  except ValueError:
+    return str(path)
 
 
 def format_date(timestamp: float | None) -> str:

@@ -23,7 +23,7 @@ updates its rows and leaves the others as they were.
 
 Several processes may work on one grid at once: give each the same command (one per GPU, or
 one per core where a single run uses several cores poorly). A run being trained holds a lock
-(`grids.claim_run`), so the others pass over it to the next free run ("busy" in their
+(`run_ledger.run_lock`), so the others pass over it to the next free run ("busy" in their
 summary), and each takes the report's lock before it rewrites the report and ledger
 (`run_ledger.report_lock`). On a 2-core CPU, for example:
 
@@ -47,22 +47,25 @@ and `.csv`: test accuracy mean ± std over seeds, the published number, the comm
       [--report=experiments/results/generation.md]
 
 trains the generation entries (the MNIST reference classifier, DiT-tiny with flow matching and
-with DDPM, LiT, VAR's tokenizer and VAR-tiny, about 15 CPU minutes per run; a VAR entry brings
-its tokenizer entry, whose run of the same seed it reads and which runs first; the CIFAR-10
+with DDPM, LiT, VAR's tokenizer and VAR-tiny, about 15 CPU minutes per run; a VAR run reads the
+tokenizer entry's run of the same seed and trains it first when it has not run; the CIFAR-10
 GPU entries run only when named, e.g. `--entries=cifar10`) and writes
 `experiments/results/generation.md` and `.csv`: guided class accuracy of the samples under the
 reference classifier, the Frechet distance in that classifier's feature space (not FID), DDPM's
-bits/dim, the tokenizer's PSNR and codebook usage, mean ± std over seeds, the issue's target
-and whether it is met, each run's command, and links to the sample grids, copied into
+bits/dim, the tokenizer's PSNR and codebook usage, mean ± std over seeds, the target and
+whether it is met, each run's command, and links to the sample grids, copied into
 `experiments/results/generation/`. The reference classifier is the one run that scores every
 sample (`cache_dir("reference_classifiers")/<data>`), not one per seed. `--report_only`,
 `--fast` (report in `<workdir>/fast/generation.md`) and `--rerun_stale` work as for
 forecasting.
 
-The logic lives in `experiments/forecasting_grid.py` (`run_forecasting`, `update_report`,
-`collect`, `write_report`), `experiments/classification_grid.py` (`run_classification`, ...) and
-`experiments/generation_grid.py` (`run_generation`, ...), which a notebook calls directly; what
-they share (run states, the training loop, report pieces) is in `experiments/grids.py`.
+The logic lives in `experiments/forecasting_grid.py`, `experiments/classification_grid.py` and
+`experiments/generation_grid.py` (each module's `GRID`: `GRID.train`, `GRID.update_report`, and
+its `runs`, `collect` and `write_report`), which a notebook calls directly; what they share
+(run states, the training loop, report pieces) is in `experiments/grids.py`.
+
+Exit status: 0 when every chosen run finished or was skipped; 1 when a run failed or was
+preempted (run the same command again to retry or resume).
 """
 
 from __future__ import annotations
@@ -86,12 +89,11 @@ _HORIZONS = flags.DEFINE_list("horizons", None, "Only these horizons (of each da
 _SEEDS = flags.DEFINE_integer("seeds", 3, f"Seeds per cell: {grids.FIRST_SEED}, "
                               f"{grids.FIRST_SEED + 1}, ...")
 _SEED_LIST = flags.DEFINE_list("seed_list", None, "Explicit seeds instead of --seeds.")
-_WORKDIR = flags.DEFINE_string("workdir", str(forecasting_grid.DEFAULT_WORKDIR),
-                               "Root of the runs' workdirs (outside the repository).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root of the runs' workdirs (outside the "
+                               "repository); default: the grid's, under /tmp.")
 _REPORT = flags.DEFINE_string(
-    "report", None, f"Markdown report (.csv and .png beside it); default "
-    f"{forecasting_grid.DEFAULT_REPORT.relative_to(grids.REPO_ROOT)}, or "
-    "<workdir>/fast/forecasting.md with --fast.")
+    "report", None, "Markdown report (.csv and more beside it); default "
+    "experiments/results/<grid>.md, or <workdir>/fast/<grid>.md with --fast.")
 _FAST = flags.DEFINE_bool("fast", False, "Smoke mode: each config's runlocal setting (two "
                           "steps); kept apart from protocol runs and labelled in the report.")
 _RERUN_STALE = flags.DEFINE_bool("rerun_stale", False, "Retrain finished runs whose config has "
@@ -101,53 +103,36 @@ _ENTRIES = flags.DEFINE_list("entries", None, "classification, generation: entry
                              "prefixes (e.g. uea,mnist/vit or mnist/dit,mnist/var); default: "
                              "every entry that fits a CPU.")
 
-SUBCOMMANDS = ("forecasting", "classification", "generation")
+GRIDS = {grid.name: grid for grid in (forecasting_grid.GRID, classification_grid.GRID,
+                                     generation_grid.GRID)}
 
 
-def entry_grid(name: str, seeds) -> None:
-  """The classification or generation subcommand: their grid modules share one interface
-  (entries by key, DEFAULT_WORKDIR / DEFAULT_REPORT / CPU_KEYS, update_report, run_<name>)."""
-  module = {"classification": classification_grid, "generation": generation_grid}[name]
-  workdir = grids.check_workdir(_WORKDIR.value if _WORKDIR.present else module.DEFAULT_WORKDIR)
-  report = _REPORT.value or (workdir / "fast" / f"{name}.md" if _FAST.value
-                             else module.DEFAULT_REPORT)
-  keys = _ENTRIES.value or list(module.CPU_KEYS)
-  if _REPORT_ONLY.value:
-    paths = module.update_report(module.entries(keys), seeds=seeds, workdir=workdir,
-                                 fast=_FAST.value, report=report)
-    print(f"wrote {paths['md']}, {paths['csv'].name}")
-    return
-  outcome = getattr(module, f"run_{name}")(keys, seeds=seeds, workdir=workdir, fast=_FAST.value,
-                                           report=report, rerun_stale=_RERUN_STALE.value)
-  print("; ".join(f"{k}: {len(v)}" for k, v in outcome.items()) + f". Report: {report}")
-  # "waiting" (generation): a run whose dependency (VAR's tokenizer) did not finish.
-  if outcome["failed"] or outcome["preempted"] or outcome.get("waiting"):
-    raise SystemExit(1)
+def selection(name: str):
+  """What the flags choose of grid `name`: cells of the forecasting grid, entry keys of the
+  others (default: every entry that fits a CPU)."""
+  if name == "forecasting":
+    horizons = [int(h) for h in _HORIZONS.value] if _HORIZONS.value else None
+    return forecasting_grid.Cells(_MODELS.value or (), _DATASETS.value or (), horizons)
+  return _ENTRIES.value or None
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-    raise app.UsageError(f"usage: python -m experiments.reproduce {{{','.join(SUBCOMMANDS)}}} "
+  if len(argv) != 2 or argv[1] not in GRIDS:
+    raise app.UsageError(f"usage: python -m experiments.reproduce {{{','.join(GRIDS)}}} "
                          f"[--flags]; got {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  grid = GRIDS[argv[1]]
   seeds = [int(s) for s in _SEED_LIST.value] if _SEED_LIST.value else _SEEDS.value
-  if argv[1] in ("classification", "generation"):
-    entry_grid(argv[1], seeds)
-    return
-  horizons = [int(h) for h in _HORIZONS.value] if _HORIZONS.value else None
-  models = _MODELS.value or forecasting_grid.default_models()
-  datasets = _DATASETS.value or list(forecasting_grid.PROTOCOL)
-  workdir = grids.check_workdir(_WORKDIR.value)
-  report = _REPORT.value or (workdir / "fast" / "forecasting.md" if _FAST.value
-                             else forecasting_grid.DEFAULT_REPORT)
+  workdir = grids.check_workdir(_WORKDIR.value or grid.default_workdir)
+  report = _REPORT.value or (workdir / "fast" / f"{grid.name}.md" if _FAST.value
+                             else grid.default_report)
   if _REPORT_ONLY.value:
-    paths = forecasting_grid.update_report(models, seeds=seeds, workdir=workdir,
-                                           fast=_FAST.value, report=report)
-    print(f"wrote {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
+    paths = grid.update_report(selection(grid.name), seeds=seeds, workdir=workdir,
+                               fast=_FAST.value, report=report)
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
     return
-  outcome = forecasting_grid.run_forecasting(models, datasets, seeds=seeds, horizons=horizons,
-                                             workdir=workdir, fast=_FAST.value, report=report,
-                                             rerun_stale=_RERUN_STALE.value)
+  outcome = grid.train(selection(grid.name), seeds=seeds, workdir=workdir, fast=_FAST.value,
+                       report=report, rerun_stale=_RERUN_STALE.value)
   print("; ".join(f"{k}: {len(v)}" for k, v in outcome.items()) + f". Report: {report}")
   if outcome["failed"] or outcome["preempted"]:
     raise SystemExit(1)

@@ -3,8 +3,11 @@ r"""Trains and evaluates one config: the command-line entry point, kept thin on 
   python -m experiments.run --config=experiments/configs/itransformer.py:data=etth1 \
       --workdir=/tmp/itransformer_etth1 [--config.model.d_model=128 ...]
 
-Everything it does is `paperzoo.train_and_evaluate(config, workdir)`, which a notebook can call
-with a ConfigDict directly. The config is locked: overriding a key that does not exist fails.
+It trains the runs the config reads first, when they have not finished (VAR's tokenizer, the
+reference classifier that scores generated samples: `experiments.prerequisites`), then
+`paperzoo.train_and_evaluate(config, workdir)`. A notebook makes the same call,
+`prerequisites.train(config, workdir)`, with a ConfigDict. The config is locked: overriding a
+key that does not exist fails.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import paperzoo
+from experiments import prerequisites
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally followed by :args (see its docstring).",
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  results = paperzoo.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = prerequisites.train(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results, indent=2))
 
 

@@ -1,7 +1,8 @@
 """The ledger of finished runs, kept in the repository beside each reproduction report.
 
 A run's workdir (checkpoints, TensorBoard files, pictures) lives outside the repository, usually
-under /tmp, and can vanish between sessions; the results in a report must not vanish with it.
+under /tmp, and can vanish (a cleared /tmp, a new machine); the results in a report must not
+vanish with it.
 So each report keeps a ledger beside it, `<report stem>_runs.jsonl` (for example
 `experiments/results/classification_runs.jsonl`): one JSON line per finished run, sorted by the
 run's key (its workdir below the grid's root, e.g. `protocol/mnist/swin/seed2021`), holding
@@ -36,16 +37,18 @@ from paperzoo import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Config keys that do not change what a run computes (or only its float rounding).
+# Config keys that do not change what a run computes (or only its float rounding); also left
+# out: `paperzoo.config.PREREQUISITE_KEYS`, with the keys added since older runs.
 IGNORED_CONFIG_KEYS = ("train.progress_bar", "train.plots", "train.log_every_steps",
                        "train.eval_batch_size", "data.root", "mesh", "sharding_rules")
 
 
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
-  """The flattened config without the keys that change nothing (ignored, or added since at the
-  default that does what older runs did: `paperzoo.config.ADDED_KEY_DEFAULTS`)."""
+  """The flattened config without the keys that change nothing (ignored, saying how to train a
+  run it reads, or added since at the default that does what older runs did:
+  `paperzoo.config.comparable`)."""
   ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
-  flat = config_lib.without_added_defaults(config_lib.flatten(config))
+  flat = config_lib.comparable(config_lib.flatten(config))
   return {k: v for k, v in flat.items() if not ignored(k)}
 
 
@@ -89,6 +92,15 @@ def file_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
       yield True
     finally:
       fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_lock(workdir: str | os.PathLike, *, wait: bool) -> contextlib.AbstractContextManager[bool]:
+  """Held while a process trains the run in `workdir` (`.<name>.lock` beside it, so it outlives
+  a workdir moved aside). With `wait=False` it yields False when another process holds it (a
+  grid then passes on to its next run); with `wait=True` it waits (a run that needs the one
+  being trained reads it once it has finished)."""
+  workdir = pathlib.Path(workdir)
+  return file_lock(workdir.parent / f".{workdir.name}.lock", wait=wait)
 
 
 def report_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[bool]:

@@ -19,7 +19,7 @@ Conventions:
   (chunk c: intra-chunk scores and values, state read-out and update),
   forward only; baselines the jnp chunked form and the sequential scan.
 
-Shapes: the issue's grid on GPU (B*S = 16k tokens, H*D = 2048, D in {64,
+Shapes on GPU: the target grid (B*S = 16k tokens, H*D = 2048, D in {64,
 128}, S from 512 to 16k, causal and not; scan batch 8, channels 2048, state
 16, length 2k; linear attention length 4k). `--quick` runs tiny shapes, so
 that the harness itself is exercised on CPU (through interpret mode, whose

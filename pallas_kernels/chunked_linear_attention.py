@@ -53,8 +53,8 @@ dL/dB_t = q_t dq_t - k_t dk_t and d log_decay_t = sum_{t' >= t} dL/dB_t'
 forms the [chunk, chunk, key_dim] pairwise decays in registers and uses
 chunks of 16 whatever chunk_size says (the result does not depend on it).
 The Triton path lowers to Triton IR (checked on CPU through
-`jax.export(platforms=["cuda"])`) but was NOT compiled or run on GPU hardware
-in the session that wrote it.
+`jax.export(platforms=["cuda"])`); it is not yet compiled or run on GPU
+hardware: the tests check the lowering only.
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ P = `jax.experimental.pallas`; a module this jax lacks is None here, and
 `CompilerParams` is the class in the row's module. Rows marked * fall back
 gracefully: without a TPU interpreter class, `tpu_interpret_params()` returns
 `True` (the generic interpreter); `reset_tpu_i...` is
-`P.tpu.reset_tpu_interpret_mode_state`. Only 0.10.2 was run in
-this package's tests; the other columns come from the upstream changelog.
+`P.tpu.reset_tpu_interpret_mode_state`. This package's tests run on 0.10.2
+only; the other columns come from the upstream changelog.
 
 Facts the table relies on (Pallas changelog): since 0.9.0 Mosaic GPU is the
 default GPU lowering, and the Triton lowering is selected by passing a Triton

@@ -35,8 +35,8 @@ any backend (what the CPU test suite checks). `impl="pallas"` lowers the same
 kernels through the Triton backend on GPU (compiler params from `compat`); the
 kernels follow its rules (power-of-two tiles, 2-D dots of at least 16x16,
 loops with dynamic bounds) and lower to Triton IR (checked on CPU through
-`jax.export(platforms=["cuda"])`), but were NOT compiled or run on GPU
-hardware in the session that wrote them. `impl="tpu"` runs separate Mosaic
+`jax.export(platforms=["cuda"])`); they are not yet compiled or run on GPU
+hardware: the tests check the lowering only. `impl="tpu"` runs separate Mosaic
 TPU kernels with the same semantics (`flash_attention_tpu.py`; "auto" on TPU),
 and `impl="tpu_interpret"` runs those through TPU interpret mode on CPU.
 """
@@ -45,25 +45,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import compat
+from pallas_kernels.attention_problem import (MASK_VALUE, AttentionProblem,
+                                              flash_custom_vjp, pad_axis,
+                                              round_up)
 from pallas_kernels.compat import pl
-
-if TYPE_CHECKING:  # imported lazily at run time (it imports this module)
-  from pallas_kernels.flash_attention_tpu import TPUBlockSizes
+from pallas_kernels.flash_attention_tpu import (TPUBlockSizes,
+                                                flash_attention_tpu)
 
 IMPLS = ("auto", "pallas", "interpret", "reference", "xla", "cudnn", "tpu",
          "tpu_interpret")
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _LOG2E = math.log2(math.e)
-# A finite "minus infinity": masked logits and the initial running max. Finite
-# so that differences of two masked values are 0, never inf - inf = NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's tensor-core dots need every dimension >= 16.
 
 
@@ -73,7 +70,8 @@ class BlockSizes:
 
   Each tile is clamped to the (power-of-two rounded) sequence length, so
   short sequences do not pay for a large tile. num_warps None picks 4 for
-  head_dim <= 64, else 8. The defaults are untuned guesses (no GPU yet).
+  head_dim <= 64, else 8. The defaults are untuned guesses (not yet timed on
+  a GPU).
   """
   block_q: int = 128
   block_kv: int = 64
@@ -93,24 +91,6 @@ class BlockSizes:
         raise ValueError(
             f"BlockSizes.{field.name}={size} must be a power of two >= "
             f"{_MIN_BLOCK}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """Static description of one padded problem (hashable: a custom_vjp arg)."""
-  causal: bool
-  sm_scale: float
-  q_len: int            # true lengths; the arrays are padded beyond them
-  kv_len: int
-  block_q: int
-  block_kv: int
-  block_q_dq: int
-  block_kv_dq: int
-  block_q_dkv: int
-  block_kv_dkv: int
-  num_warps: int | None
-  num_stages: int
-  interpret: bool
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -157,9 +137,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl in ("xla", "cudnn"):
     return _nn_attention(q, k, v, causal, segment_ids, sm_scale, impl)
   if impl in ("tpu", "tpu_interpret"):
-    # Imported here: that module imports helpers from this one.
-    from pallas_kernels import flash_attention_tpu as tpu_kernels
-    return tpu_kernels.flash_attention_tpu(
+    return flash_attention_tpu(
         q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
         block_sizes=tpu_block_sizes, interpret=impl == "tpu_interpret")
   return _pallas_attention(q, k, v, causal, segment_ids, sm_scale,
@@ -277,15 +255,6 @@ def _round_block(block: int, length: int) -> int:
   return max(_MIN_BLOCK, min(block, pl.next_power_of_2(length)))
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _pallas_attention(q, k, v, causal, segment_ids, sm_scale, blocks,
                       interpret):
   q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[-1]
@@ -297,55 +266,29 @@ def _pallas_attention(q, k, v, causal, segment_ids, sm_scale, blocks,
   block_kv_dkv = _round_block(blocks.block_kv_dkv, kv_len)
   # One padded length serves all three kernels: a multiple of every tile
   # (tiles are powers of two, so the largest is a multiple of the others).
-  q_pad = pl.cdiv(q_len, max(block_q, block_q_dq, block_q_dkv)) * max(
-      block_q, block_q_dq, block_q_dkv)
-  kv_pad = pl.cdiv(kv_len, max(block_kv, block_kv_dq, block_kv_dkv)) * max(
-      block_kv, block_kv_dq, block_kv_dkv)
+  q_pad = round_up(q_len, max(block_q, block_q_dq, block_q_dkv))
+  kv_pad = round_up(kv_len, max(block_kv, block_kv_dq, block_kv_dkv))
   dim_pad = max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
-  config = _Config(causal=bool(causal), sm_scale=sm_scale, q_len=q_len,
-                   kv_len=kv_len, block_q=block_q, block_kv=block_kv,
-                   block_q_dq=block_q_dq, block_kv_dq=block_kv_dq,
-                   block_q_dkv=block_q_dkv, block_kv_dkv=block_kv_dkv,
-                   num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                   interpret=interpret)
-  q_p = _pad_axis(_pad_axis(q, 1, q_pad), 3, dim_pad)
-  k_p = _pad_axis(_pad_axis(k, 1, kv_pad), 3, dim_pad)
-  v_p = _pad_axis(_pad_axis(v, 1, kv_pad), 3, dim_pad)
+  config = AttentionProblem(
+      causal=bool(causal), sm_scale=sm_scale, q_len=q_len, kv_len=kv_len,
+      block_q=block_q, block_kv=block_kv, block_q_dq=block_q_dq,
+      block_kv_dq=block_kv_dq, block_q_dkv=block_q_dkv,
+      block_kv_dkv=block_kv_dkv, interpret=interpret,
+      num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+  q_p = pad_axis(pad_axis(q, 1, q_pad), 3, dim_pad)
+  k_p = pad_axis(pad_axis(k, 1, kv_pad), 3, dim_pad)
+  v_p = pad_axis(pad_axis(v, 1, kv_pad), 3, dim_pad)
   segments = None
   if segment_ids is not None:
     # Padded keys are masked by position anyway; distinct pad ids keep padded
     # queries off every real key too.
-    segments = (_pad_axis(segment_ids[0].astype(jnp.int32), 1, q_pad, -1),
-                _pad_axis(segment_ids[1].astype(jnp.int32), 1, kv_pad, -2))
-  out = _flash(q_p, k_p, v_p, segments, config)
+    segments = (pad_axis(segment_ids[0].astype(jnp.int32), 1, q_pad, -1),
+                pad_axis(segment_ids[1].astype(jnp.int32), 1, kv_pad, -2))
+  out = _flash(q_p, k_p, v_p, segments, config)  # custom_vjp, at the end
   return out[:, :q_len, :, :head_dim]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segments, config):
-  return _flash_forward(q, k, v, segments, config)[0]
-
-
-def _flash_fwd_rule(q, k, v, segments, config):
-  out, lse = _flash_forward(q, k, v, segments, config)
-  return out, (q, k, v, segments, out, lse)
-
-
-def _flash_bwd_rule(config, residuals, d_out):
-  q, k, v, segments, out, lse = residuals
-  # delta_i = <o_i, do_i>: one fused elementwise pass, cheap next to the
-  # kernels, so it stays in XLA.
-  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
-                     d_out.astype(jnp.float32))
-  dq = _flash_dq(q, k, v, segments, d_out, lse, delta, config)
-  dk, dv = _flash_dkv(q, k, v, segments, d_out, lse, delta, config)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
-
-
-def _compiler_params(config: _Config, head_dim: int):
+def _compiler_params(config: AttentionProblem, head_dim: int):
   if config.interpret:
     return None
   num_warps = config.num_warps or (4 if head_dim <= 64 else 8)
@@ -353,14 +296,14 @@ def _compiler_params(config: _Config, head_dim: int):
                                        num_stages=config.num_stages)
 
 
-def _block_mask(config: _Config, q_start, kv_start, block_q: int,
+def _block_mask(config: AttentionProblem, q_start, kv_start, block_q: int,
                 block_kv: int, q_seg, kv_seg):
   """[block_q, block_kv] bool mask for one tile, or None when all-true."""
   q_pos = q_start + jnp.arange(block_q)[:, None]
   kv_pos = kv_start + jnp.arange(block_kv)[None, :]
   mask = None
   if config.causal:
-    mask = kv_pos <= q_pos + (config.kv_len - config.q_len)
+    mask = kv_pos <= q_pos + config.offset
   if kv_seg is not None:
     same = q_seg[:, None] == kv_seg[None, :]
     mask = same if mask is None else jnp.logical_and(mask, same)
@@ -390,15 +333,15 @@ def _dot_tn(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def _kv_tile_ranges(config: _Config, q_start, block_q: int, block_kv: int,
-                    num_kv_blocks: int, has_segments: bool):
+def _kv_tile_ranges(config: AttentionProblem, q_start, block_q: int,
+                    block_kv: int, num_kv_blocks: int, has_segments: bool):
   """(unmasked_end, end): a query tile's kv tiles [0, end) with any visible
   key, of which [0, unmasked_end) need no mask at all.
 
   A tile needs no mask when it holds no padded key, no segment ids apply and,
   if causal, the tile's first query already sees its last key.
   """
-  offset = config.kv_len - config.q_len
+  offset = config.offset
   end = num_kv_blocks
   unmasked_end = 0 if has_segments else config.kv_len // block_kv
   if config.causal:
@@ -410,13 +353,13 @@ def _kv_tile_ranges(config: _Config, q_start, block_q: int, block_kv: int,
   return jnp.minimum(unmasked_end, end), end
 
 
-def _q_tile_ranges(config: _Config, kv_start, block_q: int, block_kv: int,
-                   num_q_blocks: int, has_segments: bool):
+def _q_tile_ranges(config: AttentionProblem, kv_start, block_q: int,
+                   block_kv: int, num_q_blocks: int, has_segments: bool):
   """(begin, unmasked_begin): a kv tile's query tiles [begin, num_q_blocks)
   that see any of its keys, of which [unmasked_begin, num_q_blocks) need no
   mask (the transpose of `_kv_tile_ranges`).
   """
-  offset = config.kv_len - config.q_len
+  offset = config.offset
   if has_segments:
     unmasked_begin = num_q_blocks
   elif config.causal:
@@ -438,7 +381,7 @@ def _q_tile_ranges(config: _Config, kv_start, block_q: int, block_kv: int,
   return begin, jnp.maximum(unmasked_begin, begin)
 
 
-def _forward_kernel(*refs, config: _Config, has_segments: bool):
+def _forward_kernel(*refs, config: AttentionProblem, has_segments: bool):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
     q_seg = q_seg_ref[...]
@@ -465,11 +408,11 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
                 else kv_seg_ref[pl.ds(kv_start, block_kv)])
       mask = _block_mask(config, q_start, kv_start, block_q, block_kv, q_seg,
                          kv_seg)
-      s = jnp.where(mask, s, _MASK_VALUE)
+      s = jnp.where(mask, s, MASK_VALUE)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     p = jnp.exp2(s - new_max[:, None])
     if mask is not None:
-      # A fully masked row has new_max == _MASK_VALUE and exp2(0) == 1 here;
+      # A fully masked row has new_max == MASK_VALUE and exp2(0) == 1 here;
       # zeroing keeps its normaliser at 0 so its output becomes 0.
       p = jnp.where(mask, p, 0.0)
     rescale = jnp.exp2(row_max - new_max)
@@ -480,7 +423,7 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
   unmasked_end, kv_end = _kv_tile_ranges(config, q_start, block_q, block_kv,
                                          num_kv_blocks, has_segments)
   carry = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
-           jnp.full((block_q,), _MASK_VALUE, jnp.float32),
+           jnp.full((block_q,), MASK_VALUE, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
   # Two loops so that the common tiles skip building and applying masks.
   carry = jax.lax.fori_loop(0, unmasked_end,
@@ -504,7 +447,7 @@ def _seg_args_specs(segments, q_block: int | None, kv_block: int | None,
   return [q_seg, kv_seg], specs
 
 
-def _flash_forward(q, k, v, segments, config: _Config):
+def _flash_forward(q, k, v, segments, config: AttentionProblem):
   batch, q_pad, heads, dim = q.shape
   kv_pad, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -538,7 +481,7 @@ def _flash_forward(q, k, v, segments, config: _Config):
   return out, lse
 
 
-def _dq_kernel(*refs, config: _Config, has_segments: bool):
+def _dq_kernel(*refs, config: AttentionProblem, has_segments: bool):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
      dq_ref) = refs
@@ -581,7 +524,7 @@ def _dq_kernel(*refs, config: _Config, has_segments: bool):
   dq_ref[...] = (dq * config.sm_scale).astype(dq_ref.dtype)
 
 
-def _flash_dq(q, k, v, segments, d_out, lse, delta, config: _Config):
+def _flash_dq(q, k, v, segments, d_out, lse, delta, config: AttentionProblem):
   batch, q_pad, heads, dim = q.shape
   kv_pad, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -608,7 +551,8 @@ def _flash_dq(q, k, v, segments, d_out, lse, delta, config: _Config):
   )(q, k, v, d_out, lse, delta, *seg_args)
 
 
-def _dkv_kernel(*refs, config: _Config, has_segments: bool, group: int):
+def _dkv_kernel(*refs, config: AttentionProblem, has_segments: bool,
+                group: int):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
      dk_ref, dv_ref) = refs
@@ -658,7 +602,7 @@ def _dkv_kernel(*refs, config: _Config, has_segments: bool, group: int):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _flash_dkv(q, k, v, segments, d_out, lse, delta, config: _Config):
+def _flash_dkv(q, k, v, segments, d_out, lse, delta, config: AttentionProblem):
   batch, q_pad, heads, dim = q.shape
   kv_pad, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -684,3 +628,10 @@ def _flash_dkv(q, k, v, segments, d_out, lse, delta, config: _Config):
       interpret=config.interpret,
       name="flash_attention_dkv",
   )(q, k, v, d_out, lse, delta, *seg_args)
+
+
+# delta_i = <o_i, do_i> for o, do [batch, q_len, heads, dim], in lse's layout
+# [batch, heads, q_len].
+_flash = flash_custom_vjp(
+    _flash_forward, _flash_dq, _flash_dkv,
+    lambda out, d_out: jnp.einsum("bqhd,bqhd->bhq", out, d_out))

@@ -52,8 +52,8 @@ accumulation.
 
 Verified on CPU through TPU interpret mode (`pltpu.InterpretParams`, which
 simulates VMEM/HBM, the grid's DMAs and fills uninitialised memory with NaN)
-and lowered to Mosaic through `jax.export(platforms=["tpu"])`; NOT compiled
-or run on a TPU in the session that wrote it (see README.md).
+and lowered to Mosaic through `jax.export(platforms=["tpu"])`; not yet
+compiled or run on a TPU (see README.md).
 """
 from __future__ import annotations
 
@@ -66,8 +66,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.attention_problem import (MASK_VALUE, AttentionProblem,
+                                              flash_custom_vjp, pad_axis,
+                                              round_up)
 from pallas_kernels.compat import pl
-from pallas_kernels.flash_attention import _MASK_VALUE, _pad_axis
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -85,7 +87,7 @@ class TPUBlockSizes:
   dk/dv kernel (lanes: a multiple of 128); block_kv_dkv: key rows there
   (sublanes: a multiple of 8). Each is shrunk to the (aligned) sequence
   length, and sublane tiles are rounded up to 16 rows for 16-bit dtypes.
-  The defaults are untuned (no TPU yet).
+  The defaults are untuned (not yet timed on a TPU).
   """
   block_q: int = 128
   block_kv: int = 128
@@ -106,34 +108,9 @@ class TPUBlockSizes:
             ").")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """Static description of one padded problem (hashable: a custom_vjp arg)."""
-  causal: bool
-  sm_scale: float
-  q_len: int            # true lengths; the arrays are padded beyond them
-  kv_len: int
-  block_q: int
-  block_kv: int
-  block_q_dq: int
-  block_kv_dq: int
-  block_q_dkv: int
-  block_kv_dkv: int
-  interpret: Any        # False, or the `interpret=` value of pallas_call
-
-  @property
-  def offset(self) -> int:
-    """Query i sees key j iff j <= i + offset (causal, ends aligned)."""
-    return self.kv_len - self.q_len
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _pad_rows(x, axis: int, block: int, value: Any = 0):
   """Pads `axis` of x to a multiple of `block` with `value`."""
-  return _pad_axis(x, axis, _round_up(x.shape[axis], block), value)
+  return pad_axis(x, axis, round_up(x.shape[axis], block), value)
 
 
 def _pad_segments(segments, q_block: int, kv_block: int):
@@ -164,10 +141,10 @@ def flash_attention_tpu(q, k, v, *, causal: bool, segment_ids, sm_scale: float,
   sub = NUM_SUBLANES * max(1, 4 // jnp.dtype(q.dtype).itemsize)
 
   def fit(block: int, length: int, multiple: int) -> int:
-    return min(_round_up(block, multiple), _round_up(length, multiple))
+    return min(round_up(block, multiple), round_up(length, multiple))
 
-  dim_pad = _round_up(head_dim, NUM_LANES)
-  config = _Config(
+  dim_pad = round_up(head_dim, NUM_LANES)
+  config = AttentionProblem(
       causal=bool(causal), sm_scale=float(sm_scale), q_len=q_len,
       kv_len=kv_len,
       block_q=fit(blocks.block_q, q_len, sub),
@@ -179,43 +156,21 @@ def flash_attention_tpu(q, k, v, *, causal: bool, segment_ids, sm_scale: float,
       interpret=compat.tpu_interpret_params() if interpret else False)
 
   def to_kernel_layout(x):  # [b, s, h, d] -> [b, h, s, d_pad]
-    return _pad_axis(jnp.swapaxes(x, 1, 2), 3, dim_pad)
+    return pad_axis(jnp.swapaxes(x, 1, 2), 3, dim_pad)
 
   segments = None
   if segment_ids is not None:
     segments = tuple(ids.astype(jnp.int32) for ids in segment_ids)
+  # _flash: the custom_vjp at the end of this module.
   out = _flash(to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v),
                segments, config)
   return jnp.swapaxes(out[..., :head_dim], 1, 2).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segments, config):
-  return _forward(q, k, v, segments, config)[0]
-
-
-def _flash_fwd_rule(q, k, v, segments, config):
-  out, lse = _forward(q, k, v, segments, config)
-  return out, (q, k, v, segments, out, lse)
-
-
-def _flash_bwd_rule(config, residuals, d_out):
-  q, k, v, segments, out, lse = residuals
-  # delta_i = <o_i, do_i>: one elementwise pass, cheap next to the kernels.
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32),
-                  axis=-1)
-  dq = _dq(q, k, v, segments, d_out, lse, delta, config)
-  dk, dv = _dkv(q, k, v, segments, d_out, lse, delta, config)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
-
-
 # ------------------------------------------------------------ block logic --
 
 
-def _tile_flags(config: _Config, q_start, block_q: int, kv_start,
+def _tile_flags(config: AttentionProblem, q_start, block_q: int, kv_start,
                 block_kv: int, has_segments: bool):
   """(run, full) for one (query tile, key tile) pair of scalars.
 
@@ -247,7 +202,8 @@ def _run_step(run, full, step) -> None:
   pl.when(run & jnp.logical_not(full))(functools.partial(step, True))
 
 
-def _last_kv_block(config: _Config, q_block, block_q: int, block_kv: int):
+def _last_kv_block(config: AttentionProblem, q_block, block_q: int,
+                   block_kv: int):
   """Index of the last key tile a query tile runs (>= 0), for index maps."""
   last_key = config.kv_len - 1
   if config.causal:
@@ -256,7 +212,8 @@ def _last_kv_block(config: _Config, q_block, block_q: int, block_kv: int):
   return lax.div(jnp.maximum(last_key, 0), block_kv)
 
 
-def _q_block_range(config: _Config, kv_block, block_q: int, block_kv: int):
+def _q_block_range(config: AttentionProblem, kv_block, block_q: int,
+                   block_kv: int):
   """(first, last) query tiles a key tile runs with, for index maps."""
   last = (config.q_len - 1) // block_q
   if not config.causal:
@@ -265,7 +222,7 @@ def _q_block_range(config: _Config, kv_block, block_q: int, block_kv: int):
   return jnp.minimum(lax.div(first_query, block_q), last), last
 
 
-def _mask(config: _Config, rows, cols, q_on_rows: bool, q_seg, kv_seg):
+def _mask(config: AttentionProblem, rows, cols, q_on_rows: bool, q_seg, kv_seg):
   """Visibility ([r, c] bool) of a tile from the positions of its elements'
   rows and columns (`rows`, `cols`: [r, c] iotas).
 
@@ -298,7 +255,7 @@ _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 # ---------------------------------------------------------------- forward --
 
 
-def _forward_kernel(*refs, config: _Config, has_segments: bool):
+def _forward_kernel(*refs, config: AttentionProblem, has_segments: bool):
   if has_segments:
     (q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_scratch,
      l_scratch, acc_scratch) = refs
@@ -312,7 +269,7 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
 
   @pl.when(kv_block == 0)
   def _init():
-    m_scratch[...] = jnp.full(m_scratch.shape, _MASK_VALUE, jnp.float32)
+    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
@@ -329,12 +286,12 @@ def _forward_kernel(*refs, config: _Config, has_segments: bool):
       mask = _mask(config, _positions(q_start, 0, shape),
                    _positions(kv_start, 1, shape), True, q_seg,
                    kv_seg)
-      s = jnp.where(mask, s, _MASK_VALUE)
+      s = jnp.where(mask, s, MASK_VALUE)
     m_prev = m_scratch[...]                              # [block_q, 128]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp(s - _lanes(m_next, block_kv))
     if mask is not None:
-      # A row with no visible key so far has m_next == _MASK_VALUE and
+      # A row with no visible key so far has m_next == MASK_VALUE and
       # exp(0) == 1 here; zeroing keeps its normaliser at 0, its output 0.
       p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m_prev - m_next)
@@ -397,7 +354,7 @@ def _segment_operands(segments, q_block: int, kv_block: int, q_on_rows: bool,
   return [a for a, _ in pairs], [s for _, s in pairs]
 
 
-def _forward(q, k, v, segments, config: _Config):
+def _forward(q, k, v, segments, config: AttentionProblem):
   """(out [b, h, q_len, d], lse [b, h, q_len]) on unpadded lengths."""
   block_q, block_kv = config.block_q, config.block_kv
   q_len = q.shape[2]
@@ -452,7 +409,7 @@ def _forward(q, k, v, segments, config: _Config):
 # --------------------------------------------------------------------- dq --
 
 
-def _dq_kernel(*refs, config: _Config, has_segments: bool):
+def _dq_kernel(*refs, config: AttentionProblem, has_segments: bool):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
      dq_ref, dq_scratch) = refs
@@ -508,7 +465,7 @@ def _pad_backward_operands(q, k, v, segments, d_out, lse, delta,
           _pad_rows(delta, 2, block_q))
 
 
-def _dq(q, k, v, segments, d_out, lse, delta, config: _Config):
+def _dq(q, k, v, segments, d_out, lse, delta, config: AttentionProblem):
   block_q, block_kv = config.block_q_dq, config.block_kv_dq
   q_len = q.shape[2]
   q, k, v, segments, d_out, lse, delta = _pad_backward_operands(
@@ -559,7 +516,7 @@ def _dq(q, k, v, segments, d_out, lse, delta, config: _Config):
 # ------------------------------------------------------------------ dk/dv --
 
 
-def _dkv_kernel(*refs, config: _Config, has_segments: bool,
+def _dkv_kernel(*refs, config: AttentionProblem, has_segments: bool,
                 num_q_blocks: int):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
@@ -612,7 +569,7 @@ def _dkv_kernel(*refs, config: _Config, has_segments: bool,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _dkv(q, k, v, segments, d_out, lse, delta, config: _Config):
+def _dkv(q, k, v, segments, d_out, lse, delta, config: AttentionProblem):
   block_q, block_kv = config.block_q_dkv, config.block_kv_dkv
   kv_len = k.shape[2]
   q, k, v, segments, d_out, lse, delta = _pad_backward_operands(
@@ -665,3 +622,9 @@ def _dkv(q, k, v, segments, d_out, lse, delta, config: _Config):
       name="flash_attention_tpu_dkv",
   )(q, k, v, d_out, row_stat(lse), row_stat(delta), *seg_args)
   return dk[:, :, :kv_len], dv[:, :, :kv_len]
+
+
+# delta_i = <o_i, do_i> for o, do [batch, heads, q_len, dim], in lse's layout
+# [batch, heads, q_len].
+_flash = flash_custom_vjp(_forward, _dq, _dkv,
+                          lambda out, d_out: jnp.sum(out * d_out, axis=-1))

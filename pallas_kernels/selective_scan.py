@@ -32,10 +32,11 @@ fori_loops over refs (what Triton's `scan` support allows), every loaded
 tensor is a power of two (N and the channel block are padded), and a
 `debug_barrier` separates the workspace writes from the reads. The GPU path
 lowers to Triton IR (checked on CPU through `jax.export(platforms=["cuda"])`)
-but was NOT compiled or run on GPU hardware in the session that wrote it. On
-CPU "auto" uses `sequential_scan` once the states outgrow the cache (1.2x
-faster than the associative scan there, forward and backward, at the UEA
-Mamba classifier's size) and the reference below that; on TPU the reference.
+but is not yet compiled or run on GPU hardware (the tests check the lowering
+only). On CPU "auto" uses `sequential_scan` once the states outgrow the cache
+(1.2x faster than the associative scan there, forward and backward, at the
+UEA Mamba classifier's size) and the reference below that; on TPU the
+reference.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ IMPLS = ("auto", "pallas", "interpret", "reference", "sequential")
 
 @dataclasses.dataclass(frozen=True)
 class ScanBlocks:
-  """Kernel tiling and Triton launch settings (untuned guesses, no GPU yet).
+  """Kernel tiling and Triton launch settings (untuned: not timed on a GPU).
 
   block_d: channels per program (a power of two); chunk: time steps between
   saved states (the backward pass recomputes one chunk at a time). Software

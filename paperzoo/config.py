@@ -174,7 +174,13 @@ def base_config() -> ConfigDict:
 ADDED_KEY_DEFAULTS = {"train.selection_tie_break": "", "optimizer.decay_start_epoch": 0,
                       "optimizer.decay_vectors": True, "optimizer.no_decay_pattern": "",
                       "task.randaugment_ops": 0, "task.randaugment_magnitude": 9,
-                      "model.revision": 0}
+                      "model.revision": 0, "task.reference_workdir": "",
+                      "task.reference_config": ""}
+
+# Keys that say how to train a finished run a task reads (`paperzoo.workdir.RequiredRun`) when it
+# is missing; what the task reads is the run in the matching `*_workdir`. They change nothing a
+# run computes, so a saved config and today's compare them as "" (an older run's value).
+PREREQUISITE_KEYS = ("task.tokenizer_config", "task.reference_config")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -187,7 +193,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def without_added_defaults(flat: dict[str, Any]) -> dict[str, Any]:
-  """A flattened config without the `ADDED_KEY_DEFAULTS` keys that hold their default."""
+def comparable(flat: dict[str, Any]) -> dict[str, Any]:
+  """What to compare of a flattened config with another: `PREREQUISITE_KEYS` blanked, then the
+  `ADDED_KEY_DEFAULTS` keys that hold their default left out."""
+  flat = {key: "" if key in PREREQUISITE_KEYS else value for key, value in flat.items()}
   return {key: value for key, value in flat.items()
           if not (key in ADDED_KEY_DEFAULTS and value == ADDED_KEY_DEFAULTS[key])}

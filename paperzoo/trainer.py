@@ -11,12 +11,7 @@ and what a notebook calls too. The sections:
   6. Loop             train, log, evaluate, stop early, checkpoint, honour SIGTERM
   7. Final test       the best checkpoint on the full validation and test sets, results.json
 
-The train state is a plain dict of pytrees:
-  step      int32 number of optimizer updates done
-  params    the model's nnx.Param variables (nnx.State)
-  extra     every other model variable (batch statistics, ...), updated by the forward pass
-  opt_state the optax state
-  ema       exponential moving average of params (only when train.ema_decay > 0)
+The train state and the step function are `paperzoo.train_state.TrainStep`'s.
 """
 
 from __future__ import annotations
@@ -31,9 +26,7 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -42,9 +35,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from paperzoo import checkpoint as checkpoint_lib
 from paperzoo import config as config_lib
 from paperzoo import metric_writers
-from paperzoo import optim
 from paperzoo import plots
 from paperzoo import sharding
+from paperzoo import train_state
+from paperzoo import workdir as workdir_lib
 from paperzoo.data import batches
 from paperzoo.data import files
 from paperzoo.registry import DATASETS, MODELS, TASKS
@@ -67,15 +61,16 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
 
 def _train_and_evaluate(config: Any, workdir: pathlib.Path,
                         closing: contextlib.ExitStack) -> dict[str, Any]:
-  workdir.mkdir(parents=True, exist_ok=True)
-
   # ------------------------------------------------------------------------------------------
-  # 1. Resolve names: fail before any compute.
+  # 1. Resolve names and the runs this one reads: fail before any compute.
   # ------------------------------------------------------------------------------------------
   task_cls = TASKS.get(config.task.name)
   model_cls = MODELS.get(config.model.name)
-  DATASETS.get(config.data.name)
+  DATASETS.get(config.data.name, kinds=task_cls.data_kinds)
+  for required in getattr(task_cls, "required_runs", lambda _: [])(config):
+    workdir_lib.check_required(required)  # e.g. VAR's tokenizer: MissingRunError names it
   _check_workdir_config(config, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   primary = sharding.is_primary_process()  # the one process of several that writes files
   if primary:  # (atomically: another process may be reading it in _check_workdir_config)
     files.atomic_write(workdir / "config.json",
@@ -114,7 +109,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   # 4. Train state: abstract first (no memory), shardings from the logical names, then real.
   # ------------------------------------------------------------------------------------------
-  step_def = TrainStep(config, task, model_cls, total_steps=total_steps,
+  step_def = train_state.TrainStep(config, task, model_cls, total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch)
 
   # Variables are created without eager sharding: their logical names are resolved by the rules
@@ -122,14 +117,15 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   with nnx.use_eager_sharding(False):
     boxed_abstract_state = jax.eval_shape(step_def.boxed_init_state)  # records graphdef
     sharding.check_logical_names(boxed_abstract_state["params"])
-    state_shardings = unbox_variables(
+    state_shardings = train_state.unbox_variables(
         sharding.state_shardings(boxed_abstract_state, mesh, rules))
-    abstract_state = unbox_variables(boxed_abstract_state)
+    abstract_state = train_state.unbox_variables(boxed_abstract_state)
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     closing.callback(checkpoints.close)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
-      state, record = checkpoints.restore(_with_shardings(abstract_state, state_shardings))
+      state, record = checkpoints.restore(
+          train_state.with_shardings(abstract_state, state_shardings))
       _report(f"resumed from {workdir}/checkpoints/{resume_step}")
     else:
       checkpoints.discard_best()  # (left by a run whose latest checkpoints were removed)
@@ -271,7 +267,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # 7. Final test with the best checkpoint.
   # ------------------------------------------------------------------------------------------
   best_state, best_record = checkpoints.restore(
-      _with_shardings(abstract_state, state_shardings), best=True)
+      train_state.with_shardings(abstract_state, state_shardings), best=True)
   results = {
       "status": "done",
       # The best checkpoint's validation metrics were computed when it was saved.
@@ -396,116 +392,6 @@ class Stopwatch:
       self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-class TrainStep:
-  """The train state and the training step of a config: what the trainer jits (sections 4-5)
-  and what a benchmark times (experiments/benchmarks/dit_throughput.py), so both run one step.
-
-  `boxed_init_state()` creates the state with nnx Variables, whose metadata carries the logical
-  axis names; tracing it (`jax.eval_shape`) records the model's structure, `graphdef`, which
-  `merge` and the step need. `train_step(state, batch)` is one optimizer update, not jitted:
-  the caller jits it with its shardings.
-  """
-
-  def __init__(self, config: Any, task: Any, model_cls: Any, *, total_steps: int,
-               steps_per_epoch: int):
-    self.config, self.task, self.model_cls = config, task, model_cls
-    self.schedule = optim.make_schedule(config.optimizer, total_steps=total_steps,
-                                        steps_per_epoch=steps_per_epoch)
-    self.tx = optim.make_optimizer(config.optimizer, self.schedule)
-    root_key = jax.random.key(config.seed)
-    self.init_key = jax.random.fold_in(root_key, 0)
-    self.dropout_key = jax.random.fold_in(root_key, 1)
-    self.ema_decay = float(config.train.ema_decay)
-    self.accum = int(config.train.grad_accum_steps)
-    # Evaluation and the final test use the EMA weights when there are some.
-    self.eval_params_key = "ema" if self.ema_decay > 0 else "params"
-    self.graphdef = None  # recorded when boxed_init_state is traced
-    self._grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-
-  def boxed_init_state(self) -> dict[str, Any]:
-    model = self.model_cls(self.config.model, **self.task.model_kwargs(),
-                           rngs=nnx.Rngs(params=self.init_key))
-    self.graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
-             "opt_state": self.tx.init(params)}
-    if self.ema_decay > 0:
-      state["ema"] = params
-    return state
-
-  def init_state(self) -> dict[str, Any]:
-    return unbox_variables(self.boxed_init_state())
-
-  def merge(self, params: Any, extra: Any) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, extra)
-
-  def _loss(self, params, extra, batch, key):
-    model = self.merge(params, extra)
-    loss, metrics = self.task.loss(model, batch, train=True, rngs=nnx.Rngs(dropout=key))
-    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-  def train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
-    step_key = jax.random.fold_in(self.dropout_key, state["step"])
-    accum = self.accum
-    if accum == 1:
-      (loss, (metrics, extra)), grads = self._grad_fn(state["params"], state["extra"], batch,
-                                                      step_key)
-    else:
-      # Micro-batch i takes examples i, i + accum, ...: a strided slice of the batch axis keeps
-      # each device's examples on that device. The mean of equal-size micro-batch means is the
-      # full-batch mean, so the update equals the one without accumulation (for models
-      # without batch statistics: BatchNorm normalizes each micro-batch alone).
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
-
-      def accumulate(i, carry):
-        grads_sum, loss_sum, metrics_sum, extra = carry
-        micro_batch = jax.tree.map(lambda x: x[:, i], micro)
-        (loss, (metrics, extra)), grads = self._grad_fn(
-            state["params"], extra, micro_batch, jax.random.fold_in(step_key, i))
-        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
-                jax.tree.map(jnp.add, metrics_sum, metrics), extra)
-
-      zero_metrics = jax.eval_shape(self._loss, state["params"], state["extra"],
-                                    jax.tree.map(lambda x: x[:, 0], micro), step_key)[1][0]
-      carry = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
-               state["extra"])
-      grads, loss, metrics, extra = jax.lax.fori_loop(0, accum, accumulate, carry)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-      metrics = jax.tree.map(lambda m: m / accum, metrics)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "extra": extra,
-                 "opt_state": opt_state}
-    if self.ema_decay > 0:
-      decay = self.ema_decay
-      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                      state["ema"], params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=self.schedule(state["step"]))
-    return new_state, metrics
-
-
-def unbox_variables(tree: Any) -> Any:
-  """Replaces nnx.State/Variable containers by plain dicts of their values.
-
-  The train state crosses the jit boundary at every step; jax then flattens and rebuilds it in
-  Python. Plain dicts cost microseconds; Variables with metadata cost milliseconds per step
-  (flax issue 4459), which on a small model is a fifth of the step. `nnx.merge` takes the plain
-  dicts back inside the step.
-  """
-  def unbox(node):
-    if isinstance(node, nnx.State):
-      return nnx.to_pure_dict(node)
-    return node.get_value() if isinstance(node, nnx.Variable) else node
-  return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 # Config entries that decide what a checkpoint means or which batches come next (the data
 # order is a function of seed, step and batch size); resuming with one changed is refused.
 _STATE_DEFINING_KEYS = ("task", "data", "model", "seed", "train.batch_size")
@@ -516,9 +402,9 @@ def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
   if not saved_path.exists() or not (workdir / "checkpoints").exists():
     return
   # Keys added to the schema since the run was saved count as equal at their "off" default.
-  saved = config_lib.without_added_defaults(
+  saved = config_lib.comparable(
       config_lib.flatten(json.loads(saved_path.read_text())))
-  current = config_lib.without_added_defaults(
+  current = config_lib.comparable(
       config_lib.flatten(json.loads(config.to_json_best_effort())))
 
   def get(flat: dict[str, Any], key: str) -> Any:  # the value, or the section as a dict

@@ -54,9 +54,9 @@ def test_forecasting_speed_benchmark_steps_and_grid_projection(tmp_path):
 
 
 def test_step_cost_counts_the_run_with_the_configs_own_data_size():
-  from experiments import grids  # pylint: disable=g-import-not-at-top
+  from experiments import configs  # pylint: disable=g-import-not-at-top
   from experiments.benchmarks import step_cost  # pylint: disable=g-import-not-at-top
-  config = grids.load_config("lra", "task=listops,mixer=linear,size=cpu")
+  config = configs.load("lra", "task=listops,mixer=linear,size=cpu")
   row = step_cost.step_cost(config, shrink_data=True)
   assert row["steps"] == int(config.train.num_epochs) * (20_000 // 64)
   assert row["example_shapes"]["inputs"] == (256,) and row["batch"] == 64

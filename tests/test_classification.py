@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -175,7 +176,9 @@ def test_train_augmented_picture_shows_the_training_augmentation(tmp_path, monke
 
 def test_forecasting_data_is_refused_with_the_valid_names():
   config = ConfigDict({"data": {"name": "etth1"}, "task": common.classification_task()})
-  with pytest.raises(ValueError, match="valid: cifar10, listops"):
+  with pytest.raises(ValueError, match="holds forecasting data.*needs tokens, image or series "
+                                       "data; data sets of those kinds: cifar10, listops, "
+                                       "lra_image, mnist"):
     ClassificationTask(config)
 
 
@@ -298,7 +301,7 @@ def test_hierarchical_backbones_shrink_the_grid_and_train(name, extra, check_gra
     return
   value, grads = jax.value_and_grad(loss)(params)
   assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  chex.assert_tree_all_finite(grads)
 
 
 def test_itransformer_classifier_reads_whole_series_as_tokens():

@@ -3,6 +3,7 @@ paper's promise that without positional encodings the same weights take any imag
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -136,7 +137,7 @@ def test_gradients_are_finite_and_reach_the_class_token():
 
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  chex.assert_tree_all_finite(grads)
   assert np.any(np.asarray(grads["class_token"]) != 0)  # the class token reaches the head
 
 

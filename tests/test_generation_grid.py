@@ -1,8 +1,9 @@
 """The generation reproduction (experiments/generation_grid.py and
-`python -m experiments.reproduce generation`): its entries and their dependency (VAR reads its
-tokenizer's workdir), the shared reference classifier, resume, the scores and pictures of the
-report. One real smoke run (DiT, runlocal); every other run is faked by a train_fn that writes
-what a finished run leaves behind, so no reference classifier is ever trained here."""
+`python -m experiments.reproduce generation`): its entries, the runs they read (VAR its
+tokenizer entry's run, every sample score the shared reference classifier), resume, the scores
+and pictures of the report. One real smoke run (DiT, runlocal); every other run is faked by a
+train_fn that writes what a finished run leaves behind, so no reference classifier is ever
+trained here."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from PIL import Image
 
 import paperzoo
 from experiments import generation_grid as grid
+from experiments import prerequisites
+from experiments import run_ledger
 from tests.conftest import REPO_ROOT
 
 # What each kind of run reports (the keys the tasks write into results.json).
@@ -61,12 +64,10 @@ def fake_finished(run: grid.GenerationRun, config=None, index: int = 0) -> dict:
   return results
 
 
-def test_entries_bring_their_dependencies_first_and_refuse_unknown_keys():
-  assert [e.key for e in grid.entries(["mnist/var"])] == ["mnist/var_tokenizer", "mnist/var"]
+def test_entries_select_by_key_prefix_and_refuse_unknown_keys():
+  assert [e.key for e in grid.entries(["mnist/var"])] == ["mnist/var"]
   assert [e.key for e in grid.entries(["mnist/dit"])] == ["mnist/dit/flow", "mnist/dit/ddpm"]
   assert set(grid.CPU_KEYS) == {e.key for e in grid.ENTRIES if e.key.startswith("mnist/")}
-  assert [e.key for e in grid.entries(["cifar10/var"])] == ["cifar10/var_tokenizer",
-                                                            "cifar10/var"]
   with pytest.raises(ValueError, match="valid keys .*mnist/dit/flow"):
     grid.entries(["mnist/sit"])
 
@@ -83,37 +84,56 @@ def test_every_entry_builds_its_config(entry, tmp_path):
     return
   assert [r.seed for r in mine] == [2021, 2022] and config.seed == 2021
   assert mine[0].command.startswith(f"python -m experiments.run --workdir={mine[0].workdir} ")
-  if entry.needs:  # VAR seed s reads the workdir of its tokenizer's seed s
-    tokenizer = [r for r in runs if r.entry.key == entry.needs]
-    assert [r.dependency for r in mine] == tokenizer
-    assert config.task.tokenizer_workdir == str(tokenizer[0].workdir)
+  # What a run reads is a run of the grid: the one `experiments.prerequisites` trains first.
+  needed = {p.workdir: p for p in prerequisites.prerequisites(config)}
+  reads = {r.workdir: r for r in grid.runs(grid.entries(None), seeds=1, workdir=tmp_path / "runs")
+           if r.workdir in needed}
+  assert reads.keys() == needed.keys()
+  for workdir, run in reads.items():
+    assert (run_ledger.config_digest(run_ledger.config_dict(needed[workdir].config))
+            == run_ledger.config_digest(run_ledger.config_dict(run.config())))
+  kinds = sorted(run.entry.kind for run in reads.values())
+  if entry.kind == "next_scale":  # VAR seed s reads the tokenizer entry's seed s
+    assert kinds == ["classifier", "tokenizer"]
+    assert config.task.tokenizer_workdir == str(
+        tmp_path / "runs" / "protocol" / entry.tokenizer / "seed2021")
+  else:
+    assert kinds == (["classifier"] if entry.kind == "diffusion" else [])
 
 
-def test_var_waits_for_its_tokenizer_and_trains_after_it(tmp_path):
+def test_var_trains_its_tokenizer_first_in_the_tokenizer_entrys_workdir(tmp_path):
   trained = []
+  every_run = grid.runs(grid.entries(None), seeds=1, workdir=tmp_path / "runs")
 
   def train(config, workdir):
-    run = next(r for r in grid.runs(grid.entries(["mnist/var"]), seeds=1,
-                                    workdir=tmp_path / "runs") if r.workdir == workdir)
+    run = next(r for r in every_run if r.workdir == workdir)
     trained.append((run.entry.key, config))
     if run.entry.kind == "tokenizer" and len(trained) == 1:
       raise RuntimeError("the tokenizer fails once")
     return fake_finished(run, config)
 
   report = tmp_path / "generation.md"
-  first = grid.run_generation(["mnist/var"], seeds=1, workdir=tmp_path / "runs", report=report,
-                              train_fn=train, log=lambda _: None)
+  first = grid.GRID.train(["mnist/var"], seeds=1, workdir=tmp_path / "runs", report=report,
+                          train_fn=train, log=lambda _: None)
   assert [k for k, _ in trained] == ["mnist/var_tokenizer"]  # VAR not started
-  assert len(first["failed"]) == 1 and len(first["waiting"]) == 1 and not first["unsupported"]
-  var_line = next(l for l in report.read_text().splitlines() if l.startswith("| mnist/var |"))
-  assert "1 waiting" in var_line and "mnist/var_tokenizer run seed 2021 must finish" in var_line
-
-  second = grid.run_generation(["mnist/var"], seeds=1, workdir=tmp_path / "runs",
-                               report=report, train_fn=train, log=lambda _: None)
-  assert [k for k, _ in trained] == ["mnist/var_tokenizer", "mnist/var_tokenizer", "mnist/var"]
-  assert len(second["trained"]) == 2 and not second["waiting"]
+  (failed,) = first["failed"]
   tokenizer_workdir = tmp_path / "runs" / "protocol" / "mnist" / "var_tokenizer" / "seed2021"
+  assert "the VAR tokenizer this run needs failed to train" in (
+      failed.workdir / "error.txt").read_text()
+  assert "the tokenizer fails once" in (tokenizer_workdir / "error.txt").read_text()
+  lines = report.read_text().splitlines()
+  assert "1 failed" in next(l for l in lines if l.startswith("| mnist/var_tokenizer |"))
+
+  second = grid.GRID.train(["mnist/var"], seeds=1, workdir=tmp_path / "runs", report=report,
+                           train_fn=train, log=lambda _: None)
+  assert [k for k, _ in trained] == ["mnist/var_tokenizer", "mnist/var_tokenizer",
+                                     "mnist/reference_classifier", "mnist/var"]
+  assert len(second["trained"]) == 1 and not second["failed"]
   assert trained[-1][1].task.tokenizer_workdir == str(tokenizer_workdir)
+  assert not (tokenizer_workdir / "error.txt").exists()
+  lines = report.read_text().splitlines()
+  assert "1 done, 2 not run" in next(l for l in lines if l.startswith("| mnist/var_tokenizer |"))
+  assert "1 done, 2 not run" in next(l for l in lines if l.startswith("| mnist/var |"))
 
 
 def test_report_scores_targets_pictures_and_the_shared_reference_classifier(tmp_path):
@@ -175,12 +195,12 @@ def test_fast_grid_trains_resumes_and_copies_the_sample_grid(tmp_path, monkeypat
 
   report = tmp_path / "fast" / "generation.md"
   keys = ["mnist/dit/flow"]
-  outcome = grid.run_generation(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
-                                report=report, train_fn=train, log=lambda _: None)
+  outcome = grid.GRID.train(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
+                            report=report, train_fn=train, log=lambda _: None)
   assert len(outcome["trained"]) == 1 and len(calls) == 1
   assert (calls[0] / "samples.png").exists() and "/fast/" in str(calls[0])
-  again = grid.run_generation(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
-                              report=report, train_fn=train, log=lambda _: None)
+  again = grid.GRID.train(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
+                          report=report, train_fn=train, log=lambda _: None)
   assert len(again["skipped"]) == 1 and len(calls) == 1  # nothing retrained
   text = report.read_text()
   assert "Smoke mode (--fast)" in text and "n/a (fast mode)" in text

@@ -1,16 +1,18 @@
 """Generation metrics: the Frechet distance against closed forms, sample scores with a fake
-classifier, PSNR, codebook usage, and the reference classifier's train-once-then-reuse path (a
-two-step run into tmp_path; the real classifier is never trained here)."""
+classifier, PSNR, codebook usage, and the reference classifier: a finished run the library reads
+(a two-step run into tmp_path; the real classifier is never trained here)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 import pytest
 import scipy.linalg
 
-import paperzoo
+from experiments import prerequisites
+from experiments.configs import dit as dit_config
+from paperzoo import workdir as workdir_lib
 from paperzoo.generation import metrics
 
 
@@ -110,18 +112,29 @@ def test_codebook_usage():
     metrics.codebook_usage(np.array([4]), 4)
 
 
-def test_reference_classifier_trains_once_loads_the_best_checkpoint_and_is_reused(
-    tmp_path, monkeypatch):
-  with pytest.raises(ValueError, match="valid: mnist, cifar10"):
-    metrics.reference_classifier("svhn", workdir=tmp_path)
-  classifier = metrics.reference_classifier("mnist", workdir=tmp_path, config_arg="runlocal")
-  assert json.loads((tmp_path / "results.json").read_text())["status"] == "done"
+def test_the_reference_classifier_is_a_finished_run_the_library_reads_and_never_trains(
+    tmp_path):
+  config = dit_config.get_config("runlocal")
+  config.task.update(samples_per_class=2, reference_workdir=str(tmp_path / "reference"))
+  run = metrics.reference_run(config)
+  assert run.workdir == tmp_path / "reference"
+  assert run.config == "reference_classifier.py:data=mnist,runlocal"
+  with pytest.raises(workdir_lib.MissingRunError,
+                     match=f"--workdir={tmp_path / 'reference'} --config=experiments/configs/"
+                           "reference_classifier.py:data=mnist,runlocal"):
+    metrics.reference_classifier(run)
+  assert not run.workdir.exists()
+
+  # The experiment layer trains it (what `python -m experiments.run` does first).
+  (needed,) = prerequisites.train_prerequisites(config, log=lambda _: None)
+  assert needed.workdir == run.workdir and workdir_lib.is_done(run.workdir)
+  classifier = metrics.reference_classifier(run)
   images = classifier.task.data.test.arrays["inputs"][:7]
   logits, features = classifier.logits(images), classifier.features(images)
   assert logits.shape == (7, 10) and features.shape == (7, 128)
   assert np.all(np.isfinite(logits)) and np.all(features >= 0)  # ReLU features
   # Normalized as the classification task normalizes: same logits as the model on task.inputs.
-  model, task = metrics.load_best_model(metrics.read_workdir_config(tmp_path), tmp_path)
+  model, task = workdir_lib.load_best_model(run.workdir)
   np.testing.assert_allclose(
       logits, np.asarray(model(task.inputs({"inputs": images}), train=False)), atol=1e-5)
   assert np.allclose(classifier.logits(images[..., 0]), logits)  # [N, H, W] grayscale too
@@ -129,10 +142,7 @@ def test_reference_classifier_trains_once_loads_the_best_checkpoint_and_is_reuse
     classifier.logits(images.astype(np.float32))
   with pytest.raises(ValueError, match=r"\[N, 28, 28, 1\]"):
     classifier.logits(np.zeros((2, 32, 32, 1), np.uint8))
-
-  def no_training(*args, **kwargs):
-    raise AssertionError("a finished reference classifier was trained again")
-
-  monkeypatch.setattr(paperzoo, "train_and_evaluate", no_training)
-  again = metrics.reference_classifier("mnist", workdir=tmp_path)
-  np.testing.assert_allclose(again.logits(images), logits, atol=1e-6)
+  # A finished run of another data set is refused, naming both.
+  with pytest.raises(ValueError, match="'reference_cnn' run on 'mnist'; this run needs a "
+                                       "'reference_cnn' run on 'cifar10'"):
+    metrics.reference_classifier(dataclasses.replace(run, data="cifar10"))

@@ -6,6 +6,7 @@ JPEGs once (about 25 s on two busy cores), every later load reads the cached .np
 
 from __future__ import annotations
 
+import fractions
 import gzip
 import io
 import time
@@ -96,15 +97,21 @@ def test_cifar10_grayscale_is_lra_conversion(cifar):
   gx, gy = gray["test"]
   assert gx.shape == (10000, 32, 32) and gx.dtype == np.uint8
   np.testing.assert_array_equal(gy, y)
-  # float64 reference of tf.image.rgb_to_grayscale: floor(dot(w, rgb / 255) * 255.5).
-  exact = (x.astype(np.float64) / 255.0) @ np.asarray(images.LRA_GRAYSCALE_WEIGHTS) * 255.5
-  expected = np.floor(exact)
-  # float32 may land on either side of an integer within its rounding error; nowhere else.
-  near_integer = np.abs(exact - np.round(exact)) < 1e-4
-  assert np.mean(near_integer) < 0.01
-  np.testing.assert_array_equal(gx[~near_integer], expected[~near_integer])
+  # float64 reference of tf.image.rgb_to_grayscale: floor(dot(w, rgb / 255) * 255.5). Its error
+  # (~1e-13) is far below the distance of any exact value but 0 from an integer (>= 1 / 5.1e6),
+  # so it must agree with the exact conversion on every pixel, near-integer ones included.
+  value = (x.astype(np.float64) / 255.0) @ np.asarray(images.LRA_GRAYSCALE_WEIGHTS) * 255.5
+  assert np.count_nonzero(np.abs(value - np.round(value)) < 1e-5) > 1000  # float32's hard cases
+  np.testing.assert_array_equal(gx, np.floor(value))
   np.testing.assert_array_equal(gray["train"][0][:100],
                                 images.to_grayscale(cifar["train"][0][:100]))
+
+
+def _lra_gray(r: int, g: int, b: int) -> int:
+  """floor((0.2989 R + 0.587 G + 0.114 B) / 255 * 255.5) in exact rationals."""
+  value = (fractions.Fraction("0.2989") * r + fractions.Fraction("0.587") * g
+           + fractions.Fraction("0.114") * b) / 255 * fractions.Fraction("255.5")
+  return value.numerator // value.denominator
 
 
 def test_to_grayscale_by_hand():
@@ -114,9 +121,57 @@ def test_to_grayscale_by_hand():
   # convert_image_dtype does; rounding would give 150); 0.114 * 255.5 = 29.13 -> 29;
   # (0.2989 * 100 + 0.587 * 150 + 0.114 * 200) / 255 * 255.5 = 141.02 -> 141.
   np.testing.assert_array_equal(images.to_grayscale(pixels), [0, 255, 76, 149, 29, 141])
+  # Pixels whose exact value lies within float32 rounding of an integer (a float32 evaluation,
+  # as TensorFlow's, can truncate them to the integer above or below); the exact value decides:
+  #   (254, 237, 66): 2989*254 + 5870*237 + 1140*66 = 2225636; * 511 / 5100000 = 223 - 4/5100000
+  #   (224, 228, 191): the same sum 2225636, so also 223 - 4/5100000 -> 222
+  #   (169, 15, 110): 718591 * 511 / 5100000 = 72 + 1/5100000 -> 72
+  #   (115, 128, 160): 127.99998922 -> 127;  (221, 229, 255): 229.99999784 -> 229
+  #   (118, 127, 96): 1207632 * 511 / 5100000 = 121 - 1/106250 -> 120 (CIFAR-10 test image 3,
+  #   pixel (10, 28): float32 gave 121 in a batch of five, 120 among all 10,000)
+  near = [((254, 237, 66), 222), ((224, 228, 191), 222), ((169, 15, 110), 72),
+          ((115, 128, 160), 127), ((221, 229, 255), 229), ((118, 127, 96), 120)]
+  for rgb, expected in near:
+    assert _lra_gray(*rgb) == expected, rgb
+    assert images.to_grayscale(np.asarray(rgb, np.uint8)) == expected, rgb
+  for rgb, expected in zip(pixels.tolist(), [0, 255, 76, 149, 29, 141]):
+    assert _lra_gray(*rgb) == expected, rgb
   assert images.to_grayscale(np.zeros((2, 4, 5, 3), np.uint8)).shape == (2, 4, 5)
   with pytest.raises(ValueError, match="uint8"):
     images.to_grayscale(np.zeros((4, 3), np.float32))
+
+
+def test_to_grayscale_every_colour_matches_float64(monkeypatch):
+  # All 2**24 RGB colours, against an independent float64 evaluation of the formula (exact here,
+  # see test_cifar10_grayscale_is_lra_conversion), with the default chunks and with small chunks
+  # that cut through rows: chunking must not change a pixel.
+  rgb = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1)
+  rgb = rgb.reshape(4096, 4096, 3)
+  value = (rgb.astype(np.float64) / 255.0) @ np.asarray(images.LRA_GRAYSCALE_WEIGHTS) * 255.5
+  expected = np.floor(value).astype(np.uint8)
+  np.testing.assert_array_equal(images.to_grayscale(rgb), expected)
+  monkeypatch.setattr(images, "_GRAYSCALE_CHUNK", 999_983)
+  np.testing.assert_array_equal(images.to_grayscale(rgb), expected)
+
+
+def test_to_grayscale_is_batch_independent(cifar, monkeypatch):
+  x = cifar["test"][0]
+  value = (x[:5].astype(np.float64) / 255.0) @ np.asarray(images.LRA_GRAYSCALE_WEIGHTS) * 255.5
+  assert np.count_nonzero(np.abs(value - np.round(value)) < 1e-5) >= 1  # a float32 hard case
+  full = images.to_grayscale(x)  # the batch load_cifar10(grayscale=True) converts
+  np.testing.assert_array_equal(images.load_cifar10(grayscale=True)["test"][0], full)
+  alone = np.stack([images.to_grayscale(image) for image in x[:5]])
+  np.testing.assert_array_equal(alone, full[:5])
+  np.testing.assert_array_equal(images.to_grayscale(x[:5]), full[:5])
+  np.testing.assert_array_equal(images.to_grayscale(x[:7]), full[:7])
+  order = np.random.default_rng(0).permutation(len(x))[:777]
+  order = np.concatenate([order, [4, 0, 3, 2, 1]])
+  np.testing.assert_array_equal(images.to_grayscale(x[order]), full[order])
+  # Pixels alone, in another layout, and with chunks that split images.
+  np.testing.assert_array_equal(images.to_grayscale(x[:5].reshape(-1, 1, 3)).reshape(5, 32, 32),
+                                full[:5])
+  monkeypatch.setattr(images, "_GRAYSCALE_CHUNK", 1000)
+  np.testing.assert_array_equal(images.to_grayscale(x[:300]), full[:300])
 
 
 def test_downsample_by_hand():

@@ -10,6 +10,7 @@ import sys
 import warnings
 import zipfile
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,9 +82,8 @@ def test_features_are_2048_per_image_at_native_size_and_after_the_299_resize(net
 def test_save_and_load_round_trip_gives_identical_features(network, weights_file):
   loaded = inception.load_weights(weights_file)
   original, restored = inception.model_arrays(network), inception.model_arrays(loaded)
-  assert original.keys() == restored.keys() == inception.weight_shapes().keys()
-  for name in original:
-    np.testing.assert_array_equal(original[name], restored[name])
+  assert original.keys() == inception.weight_shapes().keys()
+  chex.assert_trees_all_equal(restored, original)
   images = unit_images(0, (2, 75, 75, 3))
   np.testing.assert_array_equal(inception.pool3_features(images, network, resize=False),
                                 inception.pool3_features(images, loaded, resize=False))
@@ -170,10 +170,8 @@ def test_the_converter_maps_exactly_the_parameters_of_the_network(network):
   assert len(state_dict) == 94 * 6 + 2  # conv weight, 4 bn tensors, num_batches_tracked; fc
   assert state_dict["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
   converted = inception.convert_torch_state_dict(state_dict)
-  assert converted.keys() == arrays.keys()
-  for name, value in arrays.items():
-    assert converted[name].dtype == np.float32
-    np.testing.assert_array_equal(converted[name], value)
+  # The same names, shapes, dtypes (float32, as model_arrays gives) and values.
+  chex.assert_trees_all_equal(converted, arrays, strict=True)
 
   with pytest.raises(ValueError, match=r"map to nothing \(AuxLogits.conv0.conv.bias\)"):
     inception.convert_torch_state_dict({**state_dict, "AuxLogits.conv0.conv.bias": np.zeros(3)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 
+import chex
 import numpy as np
 import pytest
 
@@ -370,7 +371,6 @@ def test_pathfinder_load_caches_and_saves_png(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pathfinder, "generate", fail)
   again = pathfinder.load(40, 10, 10, seed=3)
-  for name in pathfinder.SPLITS:
-    np.testing.assert_array_equal(again[name][0], splits[name][0])
-    np.testing.assert_array_equal(again[name][1], splits[name][1])
-    assert again[name][0].dtype == np.uint8 and again[name][1].dtype == np.int32
+  chex.assert_trees_all_equal(again, splits, strict=True)  # values, shapes, dtypes
+  for images, labels in again.values():
+    chex.assert_type([images, labels], [np.uint8, np.int32])

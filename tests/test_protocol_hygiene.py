@@ -1,4 +1,5 @@
-"""Issue 4's protocol hygiene, checked end to end through paperzoo.train_and_evaluate:
+"""The forecasting protocol's hygiene (experiments/forecasting_protocol.md), checked end to end
+through paperzoo.train_and_evaluate:
 
 1. the full test set is scored (no drop_last): ETTh1 96 -> 96 has 2,785 test windows, and the
    final evaluation counts every one of them;
@@ -73,7 +74,8 @@ def test_every_test_window_is_scored(monkeypatch, tmp_path):
   paperzoo.train_and_evaluate(config, tmp_path)
   (test_start,) = [e for e in log.events if e[:2] == ("eval start", "test")]
   (test_end,) = [e for e in log.events if e[:2] == ("eval end", "test")]
-  assert test_start[2] == 2785  # FORECASTING_PROTOCOL.md: ETTh1 test windows at L=96, H=96
+  # ETTh1 has 2,785 test windows at L=96, H=96 (experiments/forecasting_protocol.md).
+  assert test_start[2] == 2785
   assert test_end[2]["count"] == 2785 * 96 * 7  # every window x horizon x variate, no padding
 
 

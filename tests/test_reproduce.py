@@ -14,8 +14,10 @@ import pytest
 from flax import nnx
 
 import paperzoo
+from experiments import configs
 from experiments import forecasting_grid as grid
 from experiments import grids
+from experiments import run_ledger
 from paperzoo.registry import MODELS, TASKS
 from tests.conftest import REPO_ROOT
 
@@ -102,7 +104,7 @@ def test_every_grid_cell_builds_its_config_or_says_why_not(model):
 def test_models_forecast_at_ili_lookback_36(model):
   """The models' shapes at L=36 (PatchTST's patching, Autoformer's 18-step decoder context...),
   on real ILI windows; eager, so no compilation (training is the config tests' job)."""
-  config = grids.load_config(model, "data=illness,seq_len=36,pred_len=60,runlocal")
+  config = configs.load(model, "data=illness,seq_len=36,pred_len=60,runlocal")
   task = TASKS.get(config.task.name)(config)
   net = MODELS.get(config.model.name)(config.model, **task.model_kwargs(),
                                       rngs=nnx.Rngs(params=0))
@@ -129,10 +131,10 @@ def test_dataset_specific_settings_leave_etth1_alone():
 
 def test_tiny_grid_runs_resumes_and_reports(tmp_path):
   workdir, report = tmp_path / "runs", tmp_path / "report" / "forecasting.md"
-  kwargs = dict(models=["dlinear"], datasets=["etth1"], horizons=[96], seeds=2,
-                workdir=workdir, fast=True, report=report, log=lambda _: None)
+  cells = grid.Cells(["dlinear"], ["etth1"], [96])
+  kwargs = dict(seeds=2, workdir=workdir, fast=True, report=report, log=lambda _: None)
   calls = []
-  outcome = grid.run_forecasting(train_fn=counting_train_fn(calls), **kwargs)
+  outcome = grid.GRID.train(cells, train_fn=counting_train_fn(calls), **kwargs)
   assert len(outcome["trained"]) == 2 and len(calls) == 2
   results = [json.loads((run.workdir / "results.json").read_text())
              for run in outcome["trained"]]
@@ -142,7 +144,7 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path):
 
   # Everything finished: nothing is trained again, nothing rewritten.
   calls.clear()
-  outcome = grid.run_forecasting(train_fn=counting_train_fn(calls), **kwargs)
+  outcome = grid.GRID.train(cells, train_fn=counting_train_fn(calls), **kwargs)
   assert calls == [] and len(outcome["skipped"]) == 2
   assert [(r.workdir / "results.json").stat().st_mtime_ns for r in outcome["skipped"]] == mtimes
 
@@ -150,13 +152,13 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path):
   second = outcome["skipped"][1]
   (second.workdir / "results.json").unlink()
   assert grids.run_state(second).status == "started"
-  outcome = grid.run_forecasting(train_fn=counting_train_fn(calls), **kwargs)
+  outcome = grid.GRID.train(cells, train_fn=counting_train_fn(calls), **kwargs)
   assert calls == [second.workdir]
   assert json.loads((second.workdir / "results.json").read_text())["test"] == results[1]["test"]
 
   # The report: labelled fast, the two seeds' mean +- std, the rest of the grid "not run".
   text = report.read_text()
-  assert "FAST MODE" in text and "NOT the protocol" in text
+  assert "Smoke mode (--fast)" in text and "NOT the protocol" in text
   rows = {(r["model"], r["data"], r["pred_len"]): r for r in read_csv(report.with_suffix(".csv"))}
   cell = rows[("dlinear", "etth1", "96")]
   mse = [r["test"]["mse"] for r in results]
@@ -174,9 +176,8 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path):
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path):
   def failing(config, workdir):
     raise RuntimeError(f"boom at seed {config.seed}")
-  outcome = grid.run_forecasting(["dlinear"], ["etth1"], horizons=[96, 192], seeds=1,
-                                 workdir=tmp_path, fast=True, train_fn=failing,
-                                 log=lambda _: None)
+  outcome = grid.GRID.train(grid.Cells(["dlinear"], ["etth1"], [96, 192]), seeds=1,
+                            workdir=tmp_path, fast=True, train_fn=failing, log=lambda _: None)
   assert len(outcome["failed"]) == 2
   state = grids.run_state(outcome["failed"][0])
   assert state.status == "failed" and "boom at seed 2021" in state.detail
@@ -195,15 +196,15 @@ def test_processes_given_the_same_grid_share_its_runs(tmp_path):
     fake_finished(next(r for r in runs if r.workdir == pathlib.Path(workdir)), 0.4, 0.4)
     return {"status": "done", "test": {"mse": 0.4, "mae": 0.4}}
 
-  kwargs = dict(seeds=2, horizons=[96], workdir=tmp_path, fast=True, train_fn=train,
-                log=lambda _: None)
-  with grids.claim_run(runs[0].workdir) as claimed:
+  cells = grid.Cells(["dlinear"], ["etth1"], [96])
+  kwargs = dict(seeds=2, workdir=tmp_path, fast=True, train_fn=train, log=lambda _: None)
+  with run_ledger.run_lock(runs[0].workdir, wait=False) as claimed:
     assert claimed
-    outcome = grid.run_forecasting(["dlinear"], ["etth1"], **kwargs)
+    outcome = grid.GRID.train(cells, **kwargs)
   assert trained == [2022]
   assert [r.key for r in outcome["busy"]] == [runs[0].key]
   assert grids.run_state(runs[0]).status == "not run"
-  outcome = grid.run_forecasting(["dlinear"], ["etth1"], **kwargs)
+  outcome = grid.GRID.train(cells, **kwargs)
   assert trained == [2022, 2021]
   assert [r.key for r in outcome["skipped"]] == [runs[1].key] and not outcome["busy"]
 
@@ -241,7 +242,7 @@ def test_mean_std_relative_difference_and_target(tmp_path):
   paths = grid.write_report(list(rows.values()), tmp_path / "out" / "forecasting.md",
                             command="python -m experiments.reproduce forecasting")
   text = paths["md"].read_text()
-  assert "FAST MODE" not in text and "jax " in text and "Machine:" in text
+  assert "Smoke mode" not in text and "jax " in text and "- Machine (writing this report):" in text
   assert "| dlinear | etth1 | 3 | 0.4170 ± 0.0020 |" in text
   # Compute: 12 finished runs of 1 s each; ILI's 12 left; S-Mamba's ILI cells are refused.
   assert "| dlinear | 12 | 0.00 | 0.0 | 12 | 0.00 |" in text
@@ -278,10 +279,10 @@ def test_a_changed_config_makes_finished_runs_stale(tmp_path):
   calls = []
   fake_train = lambda config, workdir: calls.append(workdir) or {
       "status": "done", "test": {"mse": 0.4, "mae": 0.4}}
-  kwargs = dict(models=["dlinear"], datasets=["etth1"], horizons=[96], seeds=1,
-                workdir=tmp_path, fast=True, train_fn=fake_train, log=lambda _: None)
-  assert len(grid.run_forecasting(**kwargs)["stale"]) == 1 and calls == []
-  grid.run_forecasting(rerun_stale=True, **kwargs)
+  cells = grid.Cells(["dlinear"], ["etth1"], [96])
+  kwargs = dict(seeds=1, workdir=tmp_path, fast=True, train_fn=fake_train, log=lambda _: None)
+  assert len(grid.GRID.train(cells, **kwargs)["stale"]) == 1 and calls == []
+  grid.GRID.train(cells, rerun_stale=True, **kwargs)
   assert calls == [run.workdir]
   assert (run.workdir.parent / "seed2021.stale1" / "results.json").exists()
 

@@ -61,15 +61,15 @@ def test_tiny_grid_trains_resumes_and_reports(tmp_path):
 
   report = tmp_path / "classification.md"
   keys = ["uea/BasicMotions/transformer/val"]
-  outcome = grid.run_classification(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
-                                    report=report, train_fn=train, log=lambda _: None)
+  outcome = grid.GRID.train(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
+                            report=report, train_fn=train, log=lambda _: None)
   assert len(outcome["trained"]) == 1 and len(calls) == 1
-  again = grid.run_classification(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
-                                   report=report, train_fn=train, log=lambda _: None)
+  again = grid.GRID.train(keys, seeds=1, workdir=tmp_path / "runs", fast=True,
+                          report=report, train_fn=train, log=lambda _: None)
   assert len(again["skipped"]) == 1 and len(calls) == 1  # nothing retrained
   text = report.read_text()
   assert "Smoke mode" in text and "uea/BasicMotions/transformer/val" in text and "(n=1)" in text
-  assert (calls[0] / "confusion_matrix.png").exists()  # the pictures the issue asks for
+  assert (calls[0] / "confusion_matrix.png").exists()  # the pictures the report links
   copy = tmp_path / "classification" / (
       "uea_BasicMotions_transformer_val_seed2021_confusion_matrix.png")
   assert copy.exists()  # copied beside the report, and linked from its row

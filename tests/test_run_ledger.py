@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from experiments import classification_grid
+from experiments import configs
 from experiments import forecasting_grid as grid
 from experiments import grids
 from experiments import generation_grid
@@ -33,7 +34,7 @@ def never_train(config, workdir):
 
 
 def test_config_digest_ignores_what_changes_nothing():
-  config = grids.load_config("dlinear", "data=etth1,pred_len=96")
+  config = configs.load("dlinear", "data=etth1,pred_len=96")
   base = run_ledger.config_dict(config)
   config.train.progress_bar = not config.train.progress_bar
   assert run_ledger.config_digest(run_ledger.config_dict(config)) == run_ledger.config_digest(base)
@@ -44,7 +45,7 @@ def test_config_digest_ignores_what_changes_nothing():
 
 
 def test_a_key_added_later_at_its_default_leaves_older_runs_fresh():
-  config = grids.load_config("dlinear", "data=etth1,pred_len=96")
+  config = configs.load("dlinear", "data=etth1,pred_len=96")
   today = run_ledger.config_dict(config)
   older = run_ledger.config_dict(config)
   del older["train"]["selection_tie_break"]  # recorded before the key existed
@@ -60,7 +61,7 @@ def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path)
   workdir, report = tmp_path / "runs", tmp_path / "results" / "forecasting.md"
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir)
   fake_finished(run, 0.381, 0.402)
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
+  grid.GRID.update_report(grid.Cells(["dlinear"]), seeds=1, workdir=workdir, report=report)
   ledger_file = tmp_path / "results" / "forecasting_runs.jsonl"
   (line,) = ledger_file.read_text().splitlines()
   record = json.loads(line)
@@ -69,14 +70,14 @@ def test_forecasting_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path)
   assert record["command"] == run.command
   before = dlinear_cell(read_csv(report.with_suffix(".csv")))
 
-  shutil.rmtree(workdir)  # /tmp cleared between sessions
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
+  shutil.rmtree(workdir)  # /tmp cleared, e.g. on a fresh machine
+  grid.GRID.update_report(grid.Cells(["dlinear"]), seeds=1, workdir=workdir, report=report)
   after = dlinear_cell(read_csv(report.with_suffix(".csv")))
   assert after == before and after["mse_mean"] == "0.381"
   assert after["status"] == "partial (1/3 seeds)"  # the report shows seeds 2021-2023
-  outcome = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96],
-                                 workdir=workdir, report=report, train_fn=never_train,
-                                 log=lambda _: None)
+  outcome = grid.GRID.train(grid.Cells(["dlinear"], ["etth1"], [96]), seeds=1,
+                            workdir=workdir, report=report, train_fn=never_train,
+                            log=lambda _: None)
   assert [r.key for r in outcome["skipped"]] == [run.key]
   assert ledger_file.read_text().splitlines() == [line]  # nothing rewritten
 
@@ -87,7 +88,7 @@ def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_i
   old = run.config()
   old.optimizer.learning_rate *= 10  # trained before today's learning rate
   fake_finished(run, 0.5, 0.5, config=old)
-  grid.update_report(["dlinear"], seeds=1, workdir=workdir, report=report)
+  grid.GRID.update_report(grid.Cells(["dlinear"]), seeds=1, workdir=workdir, report=report)
   shutil.rmtree(workdir)
   ledger = run_ledger.Ledger(run_ledger.ledger_path(report))
   (run,) = grid.runs(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
@@ -99,12 +100,12 @@ def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_i
     fake_finished(run, 0.38, 0.40)
     return json.loads((run_workdir / "results.json").read_text())
 
-  kept = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96], workdir=workdir,
-                              report=report, train_fn=never_train, log=lambda _: None)
+  cells = grid.Cells(["dlinear"], ["etth1"], [96])
+  kept = grid.GRID.train(cells, seeds=1, workdir=workdir, report=report, train_fn=never_train,
+                         log=lambda _: None)
   assert len(kept["stale"]) == 1
-  redone = grid.run_forecasting(["dlinear"], ["etth1"], seeds=1, horizons=[96],
-                                workdir=workdir, report=report, rerun_stale=True,
-                                train_fn=train, log=lambda _: None)
+  redone = grid.GRID.train(cells, seeds=1, workdir=workdir, report=report, rerun_stale=True,
+                           train_fn=train, log=lambda _: None)
   assert len(redone["trained"]) == 1
   record = run_ledger.Ledger(run_ledger.ledger_path(report)).get(run.key)
   assert record.results["test"]["mse"] == 0.38
@@ -114,14 +115,15 @@ def test_a_recorded_run_whose_config_changed_is_stale_and_rerun_stale_replaces_i
 def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_path):
   from tests.test_reproduce_classification import fake_finished as fake_classified
   workdir, report = tmp_path / "runs", tmp_path / "classification.md"
-  chosen = classification_grid.entries(["uea/BasicMotions/transformer/val"])
+  keys = ["uea/BasicMotions/transformer/val"]
+  chosen = classification_grid.entries(keys)
   runs = classification_grid.runs(chosen, seeds=2, workdir=workdir)
   for run, accuracy in zip(runs, (0.95, 1.0)):
     fake_classified(run, accuracy)
   (runs[0].workdir / "examples.txt").write_text("true 1 predicted 1: ...\n")
-  classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
+  classification_grid.GRID.update_report(keys, seeds=2, workdir=workdir, report=report)
   shutil.rmtree(workdir)
-  classification_grid.update_report(chosen, seeds=2, workdir=workdir, report=report)
+  classification_grid.GRID.update_report(keys, seeds=2, workdir=workdir, report=report)
   row = next(r for r in read_csv(report.with_suffix(".csv")) if r["entry"] == chosen[0].key)
   assert row["n"] == "2" and row["accuracies"] == "0.950000 1.000000"
   assert row["status"] == "2 done, 1 not run"  # the report shows seeds 2021-2023
@@ -134,14 +136,14 @@ def test_classification_report_keeps_its_runs_after_the_workdirs_are_gone(tmp_pa
 def test_generation_report_keeps_the_picture_copies_of_recorded_runs(tmp_path):
   from tests.test_generation_grid import fake_finished as fake_generated
   workdir, report = tmp_path / "runs", tmp_path / "results" / "generation.md"
-  chosen = generation_grid.entries(["mnist/dit/flow"])
-  (run,) = generation_grid.runs(chosen, seeds=1, workdir=workdir)
+  keys = ["mnist/dit/flow"]
+  (run,) = generation_grid.runs(generation_grid.entries(keys), seeds=1, workdir=workdir)
   fake_generated(run, index=0)
-  generation_grid.update_report(chosen, seeds=1, workdir=workdir, report=report)
+  generation_grid.GRID.update_report(keys, seeds=1, workdir=workdir, report=report)
   first = report.read_text()
   assert "](generation/mnist_dit_flow_seed2021_" in first
   shutil.rmtree(workdir)
-  generation_grid.update_report(chosen, seeds=1, workdir=workdir, report=report)
+  generation_grid.GRID.update_report(keys, seeds=1, workdir=workdir, report=report)
   line = lambda text: next(l for l in text.splitlines() if l.startswith("| mnist/dit/flow |"))
   assert line(report.read_text()) == line(first)
 
@@ -155,7 +157,7 @@ def test_two_grids_writing_one_report_wait_for_each_other(tmp_path):
   run_a, run_b = grid.runs(["dlinear"], ["etth1"], seeds=2, horizons=[96], workdir=workdir)
   fake_finished(run_a, 0.38, 0.40)
   fake_finished(run_b, 0.39, 0.41)
-  writer = threading.Thread(target=grid.update_report, args=(["dlinear"],),
+  writer = threading.Thread(target=grid.GRID.update_report, args=(grid.Cells(["dlinear"]),),
                             kwargs=dict(seeds=[2022], workdir=workdir, report=report))
   with run_ledger.report_lock(report):
     writer.start()

@@ -4,6 +4,7 @@ image sizes a soft-split setting cannot take."""
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,7 @@ def test_gradients_are_finite_and_reach_the_first_t2t_layer(two_split_model):
 
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  chex.assert_tree_all_finite(grads)
   first_layer = grads["t2t_layers"][0]["proj"]["kernel"][...]
   assert np.any(np.asarray(first_layer) != 0)  # the loss reaches the first T2T layer
 

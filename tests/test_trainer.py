@@ -14,8 +14,8 @@ import paperzoo
 from paperzoo import checkpoint as checkpoint_lib
 from paperzoo import metric_writers
 from paperzoo import sharding
-from paperzoo.generation import metrics
 from paperzoo import trainer
+from paperzoo import workdir as workdir_lib
 from experiments.configs import dlinear, quickstart, uea
 
 
@@ -117,7 +117,7 @@ def test_early_stopping_selects_on_validation_and_tests_the_best(tmp_path):
   assert results["val"]["mse"] == pytest.approx(best["mse"], rel=1e-6)
   # Those validation scores were recorded when the best checkpoint was saved; scoring the
   # restored checkpoint again gives them (the final test is scored on that same checkpoint).
-  model, task = metrics.load_best_model(config, tmp_path)
+  model, task = workdir_lib.load_best_model(tmp_path, config=config)
   sums = trainer.evaluate_sums(task.splits["val"], lambda batch: task.eval_sums(model, batch),
                                batch_size=64, batch_sharding=None)
   assert task.summarize(sums) == pytest.approx(results["val"], rel=1e-5)

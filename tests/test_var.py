@@ -7,8 +7,6 @@ a tiny trained tokenizer (paperzoo.tasks.next_scale)."""
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,9 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments import prerequisites
 from experiments.configs import var as var_config
+from paperzoo import workdir as workdir_lib
 from paperzoo.models import var
 from paperzoo.models import var_tokenizer as vt
 from paperzoo.registry import MODELS, TASKS
@@ -260,7 +260,9 @@ def test_bad_configs_and_inputs_fail_clearly():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def task():
-  return TASKS.get("next_scale")(var_config.get_config("runlocal"))
+  config = var_config.get_config("runlocal")
+  prerequisites.train_prerequisites(config)  # the runlocal tokenizer, the first time
+  return TASKS.get("next_scale")(config)
 
 
 @pytest.fixture(scope="module")
@@ -294,12 +296,18 @@ def test_task_tokens_are_the_tokenizers_and_bad_settings_fail(task, tmp_path):
       atol=2e-3)  # stored as float16
 
   config = var_config.get_config("runlocal")
-  config.task.update(tokenizer_workdir=str(tmp_path / "none"), tokenizer_config="")
-  with pytest.raises(FileNotFoundError, match="var_tokenizer.py:data=mnist"):
+  config.task.update(tokenizer_workdir=str(tmp_path / "none"))
+  # The library reads the tokenizer, never trains it: the error names the run and its command.
+  with pytest.raises(workdir_lib.MissingRunError,
+                     match=f"VAR tokenizer in {tmp_path / 'none'} has not finished.*"
+                           f"--workdir={tmp_path / 'none'} --config=experiments/configs/"
+                           "var_tokenizer.py:data=mnist,seed=2021,runlocal"):
     TASKS.get("next_scale")(config)
+  assert not (tmp_path / "none").exists()
   config = var_config.get_config("runlocal")
   config.data.name = "cifar10"
-  with pytest.raises(ValueError, match="trained on 'mnist'"):
+  with pytest.raises(ValueError, match="is a 'var_tokenizer' run on 'mnist'; this run needs "
+                                       "a 'var_tokenizer' run on 'cifar10'"):
     TASKS.get("next_scale")(config)
   config = var_config.get_config("runlocal")
   config.task.guidance_schedule = "cosine"
@@ -365,11 +373,8 @@ def test_final_metrics_and_pictures_with_a_fake_classifier(task, fresh_model, tm
         np.argmax(classifier.logits(samples), -1) == labels)),
             "classifier_frechet_distance": 1.5}
 
-  fake = types.SimpleNamespace(reference_classifier=lambda name, workdir=None: FakeClassifier(),
-                               sample_scores=sample_scores)
-  import paperzoo.generation  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(sys.modules, "paperzoo.generation.metrics", fake)
-  monkeypatch.setattr(paperzoo.generation, "metrics", fake, raising=False)
+  monkeypatch.setattr(next_scale.metrics, "reference_classifier", lambda run: FakeClassifier())
+  monkeypatch.setattr(next_scale.metrics, "sample_scores", sample_scores)
 
   results = task.final_metrics(None, tmp_path)
   assert seen["samples"].dtype == np.uint8 and seen["samples"].shape == (20, 28, 28, 1)

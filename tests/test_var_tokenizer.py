@@ -16,7 +16,7 @@ from flax import nnx
 
 import paperzoo
 from experiments.configs import var_tokenizer as var_tokenizer_config
-from paperzoo.generation import metrics
+from paperzoo import workdir as workdir_lib
 from paperzoo.models import var_tokenizer as vt
 
 SCALES = (1, 2, 3, 4, 6, 8)
@@ -287,7 +287,7 @@ def test_the_trainer_carries_the_codebook_statistics_and_the_loss_decreases(tmp_
   assert np.isfinite(results["val"]["psnr"]) and 0 < results["val"]["codebook_usage"] <= 1
   # The best checkpoint's model state holds every step's forward-pass updates (a state that was
   # not carried from step to step would count 1 step), and a codebook drawn from the data.
-  model, task = metrics.load_best_model(config, tmp_path)
+  model, task = workdir_lib.load_best_model(tmp_path, config=config)
   initial = vt.VARTokenizer(config.model, **task.model_kwargs(), rngs=nnx.Rngs(
       params=jax.random.fold_in(jax.random.key(config.seed), 0)))  # the trainer's init key
   quantizer = model.quantizer

@@ -9,7 +9,7 @@ same DiT with linear attention) timed in the same run as the baseline.
   python -m experiments.benchmarks.dit_throughput --json=/tmp/dit_throughput.json
 
 What is timed: one training step of `experiments/configs/dit.py:data=<data>,size=<size>,
-patch=<patch>,objective=<objective>`, the trainer's own `paperzoo.trainer.TrainStep` (the
+patch=<patch>,objective=<objective>`, the trainer's own `paperzoo.train_state.TrainStep` (the
 task's loss under `jax.value_and_grad`, the optax update and the EMA of the weights, the state
 donated), on one device, with one batch of real training images already on the device: the
 trainer's host-side batch assembly and its metric logging are not part of it, so this is the
@@ -52,7 +52,7 @@ from flax import nnx
 
 from experiments.benchmarks import machine
 from experiments.configs import dit as dit_config
-from paperzoo import trainer
+from paperzoo import train_state
 from paperzoo.registry import MODELS, TASKS
 
 _DATA = flags.DEFINE_enum("data", "mnist", ["mnist", "cifar10"], "Training images.")
@@ -150,14 +150,14 @@ def dit_config_for(*, data: str, size: str, patch: int, objective: str, mixer: s
 
 
 def build_train_step(config: Any) -> dict[str, Any]:
-  """The trainer's training step (`paperzoo.trainer.TrainStep`) on one device: returns the
+  """The trainer's training step (`paperzoo.train_state.TrainStep`) on one device: returns the
   jitted step (state donated), an initial state and a device batch."""
   task = TASKS.get(config.task.name)(config)
   batch_size = int(config.train.batch_size)
   train_set = task.splits["train"]
-  step_def = trainer.TrainStep(config, task, MODELS.get(config.model.name),
-                               total_steps=int(config.train.num_steps),
-                               steps_per_epoch=max(1, len(train_set) // batch_size))
+  step_def = train_state.TrainStep(config, task, MODELS.get(config.model.name),
+                                   total_steps=int(config.train.num_steps),
+                                   steps_per_epoch=max(1, len(train_set) // batch_size))
   with nnx.use_eager_sharding(False):
     state = jax.jit(step_def.init_state)()
   indices = np.arange(batch_size) % len(train_set)

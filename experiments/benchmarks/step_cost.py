@@ -6,18 +6,18 @@ r"""What a config's training run costs in FLOPs: a plan for a device session, no
       --config=lra.py:task=listops,size=full --config=lra.py:task=pathfinder,size=full
 
 For each config (a file of experiments/configs with its arguments): XLA's cost analysis of the
-compiled training step (the trainer's own `TrainStep`: forward, backward and the optimizer
-update), traced on abstract parameters, so nothing is initialised or trained; the run's steps
-(`train.num_steps`, else epochs x whole batches of the training split, as the trainer counts
-them); and the minutes those FLOPs take at 50 and 100 TFLOP/s sustained (assumed rates for a
-small float32 model with TF32 matmuls on an H100, not measured; a small model may sustain
-less, so the minutes are a lower bound).
+compiled training step (the trainer's own `paperzoo.train_state.TrainStep`: forward, backward
+and the optimizer update), traced on abstract parameters, so nothing is initialised or trained;
+the run's steps (`train.num_steps`, else epochs x whole batches of the training split, as the
+trainer counts them); and the minutes those FLOPs take at 50 and 100 TFLOP/s sustained
+(assumed rates for a small float32 model with TF32 matmuls on an H100, not measured; a small
+model may sustain less, so the minutes are a lower bound).
 
 XLA's cost analysis counts the body of a loop once, and a custom call (a Pallas kernel) as
 nothing: a step with a `lax.scan` over time (Mamba's sequential scan on CPU, gradient
-accumulation) or a kernel is undercounted, and its line says so ("at least"). `--shrink_data` builds generated data sets (ListOps,
-Pathfinder) with 64 training examples, which keeps the step's shapes, and counts the steps
-with the config's own `num_train`.
+accumulation) or a kernel is undercounted, and its line says so ("at least"). `--shrink_data`
+builds generated data sets (ListOps, Pathfinder) with 64 training examples, which keeps the
+step's shapes, and counts the steps with the config's own `num_train`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from absl import app
 from absl import flags
 from flax import nnx
 
-from experiments import grids
+from experiments import configs
 from experiments.benchmarks import machine
-from paperzoo import trainer
+from paperzoo import train_state
 from paperzoo.registry import MODELS, TASKS
 
 _CONFIGS = flags.DEFINE_multi_string(
@@ -72,15 +72,16 @@ def step_cost(config: Any, *, shrink_data: bool = False) -> dict[str, Any]:
   examples = num_train if shrink_data and num_train else len(train_set)
   steps_per_epoch = examples // batch_size
   steps = int(config.train.num_steps) or int(config.train.num_epochs) * steps_per_epoch
-  step_def = trainer.TrainStep(config, task, MODELS.get(config.model.name), total_steps=steps,
-                               steps_per_epoch=max(steps_per_epoch, 1))
+  step_def = train_state.TrainStep(config, task, MODELS.get(config.model.name),
+                                   total_steps=steps, steps_per_epoch=max(steps_per_epoch, 1))
   with nnx.use_eager_sharding(False):
     state = jax.eval_shape(step_def.init_state)
   batch = train_set.get_batch(np.arange(batch_size) % len(train_set))
   compiled = jax.jit(step_def.train_step).lower(state, batch).compile()
   step_flops = machine.compiled_flops(compiled)
   jaxpr = jax.make_jaxpr(step_def.train_step)(state, batch).jaxpr
-  return {"undercounted": has_loops_or_kernels(jaxpr),"params": sum(x.size for x in jax.tree.leaves(state["params"])),
+  return {"undercounted": has_loops_or_kernels(jaxpr),
+          "params": sum(x.size for x in jax.tree.leaves(state["params"])),
           "batch": batch_size,
           "example_shapes": {k: tuple(np.shape(v)[1:]) for k, v in sorted(batch.items())},
           "steps": steps, "step_gflop": step_flops / 1e9,
@@ -93,7 +94,7 @@ def main(argv: Sequence[str]) -> None:
         + " / ".join(f"{r:.0f}" for r in RATES_TFLOPS) + " TFLOP/s sustained")
   for spec in _CONFIGS.value:
     name, _, arg = spec.removesuffix(".py").partition(".py:")
-    row = step_cost(grids.load_config(name, arg or None), shrink_data=_SHRINK.value)
+    row = step_cost(configs.load(name, arg or None), shrink_data=_SHRINK.value)
     minutes = " / ".join(f"{row['run_pflop'] * 1e3 / rate / 60:.1f}" for rate in RATES_TFLOPS)
     shapes = ", ".join(f"{k} {v}" for k, v in row["example_shapes"].items())
     at_least = "at least " if row["undercounted"] else ""

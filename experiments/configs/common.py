@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from experiments import prerequisites
 from paperzoo.config import ConfigDict
 
 # Time-Series-Library's default decoder context for encoder-decoder forecasters.
@@ -36,6 +37,19 @@ def forecasting_protocol(config: ConfigDict) -> ConfigDict:
   config.optimizer.decay_every_epochs = 1
   config.optimizer.decay_start_epoch = 1
   return config
+
+
+def reference_classifier(data: str, *, runlocal: bool = False) -> dict[str, str]:
+  """The `task` keys that name the reference classifier scoring a generation config's samples
+  (`paperzoo.generation.metrics.reference_run`): the one classifier every run on `data` shares
+  (reference_workdir "" = cache_dir("reference_classifiers")/<data>), or for runlocal configs a
+  two-step classifier of its own in the cache. `experiments.run` trains it when it is missing
+  and the config scores samples."""
+  if not runlocal:
+    return {"reference_workdir": "", "reference_config": f"data={data}"}
+  arg = "data=mnist,runlocal"
+  return {"reference_workdir": str(prerequisites.cached_workdir(
+      "reference_classifiers", "reference_classifier", arg)), "reference_config": arg}
 
 
 def runlocal(config: ConfigDict) -> ConfigDict:

@@ -30,25 +30,17 @@ parameters), flow matching with logit-normal training times (SD3's; with objecti
 learned variance and the hybrid loss), class dropout 0.1, AdamW lr 2e-3 (warmup 100 steps,
 cosine to 0.1x), batch 64, EMA 0.995, 1,800 steps, validation every 500 steps over 4 timesteps;
 then 50 samples per class with 25 Euler (flow) or DDIM (ddpm) steps and guidance 4, scored with
-the reference MNIST classifier (paperzoo.generation.metrics). Measured 2026-11-23 on this 2-core
-CPU, seed 2021, one run each (experiments/results/generation.md):
-  * this default: 97.0% of the 500 guided samples class-correct, classifier Frechet distance
-    125.6; 26 minutes of training with a second training run sharing the two cores (1.2 steps/s;
-    alone the step rate is about 2/s, so about 15 minutes) and 89 s of sampling;
-  * uniform training times (SiT's, `time_sampling=uniform`): 68.2% after 1,500 steps (the
-    default before; Frechet distance 252), 100% after 4,000 steps (130.4; about 52 minutes, shared; scored after the run
-    with the task's own sampler and seed by a throwaway script, because the run's final
-    scoring stopped on a code change made while it trained).
-  Validation loss (stratified over t, so comparable) at step 1,500: 0.168 logit-normal (of
-  1,800 steps), 0.182 uniform (of 4,000) and 0.192 uniform (the end of the 1,500-step run).
-  DDPM was measured only undertrained (600 steps, 10.4%).
+the reference MNIST classifier (paperzoo.generation.metrics), which `experiments.run` trains
+first when it is missing. Logit-normal training times reach in 1,800 steps what uniform ones
+(SiT's, `time_sampling=uniform`) need about 4,000 for. Results and their commands:
+experiments/results/generation.md; the time-sampling comparison: generation_notes.md there.
 CIFAR-10 recipe (GPU): DiT-S/2, AdamW lr 1e-4 with no
 weight decay, batch 256, EMA 0.9999, horizontal flips, 200,000 steps, 250 respaced DDPM steps,
 guidance 1.5 (DiT's FID setting), 1,000 samples per class.
 
 runlocal: a 1-block width-16 DiT/8 on MNIST, two steps of batch 8, 2 evaluation timesteps, no
-sample scoring (`samples_per_class=0`: the reference classifier is never trained), 4 sampling
-steps for the pictures.
+sample scoring (`samples_per_class=0`: no reference classifier needed; raise it and the
+two-step runlocal reference classifier is trained first), 4 sampling steps for the pictures.
 """
 
 from experiments.configs import common
@@ -95,6 +87,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # FID's Inception weights (.npz; how to get them: paperzoo/generation/inception.py); a
       # path adds standard FID to the final metrics, "" = off (no such weights offline).
       "inception_weights": "",
+      **common.reference_classifier(arg.data, runlocal=arg.runlocal),
   })
 
   size = arg.size or ("tiny" if mnist else "S")

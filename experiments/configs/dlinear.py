@@ -6,10 +6,11 @@ r"""DLinear (Zeng et al., AAAI 2023): series decomposition and two linear maps o
 Arguments: data (etth1, etth2, exchange, illness, ...), pred_len, seq_len (96; the paper's
 native lookback is 336, its ILI runs use 104), seed (2021), runlocal (two steps, smoke tests).
 
-Hyper-parameters from the paper's scripts (cure-lab/LTSF-Linear, scripts/EXP-LongForecasting):
-moving average 25, heads shared across channels, batch 32 and Adam with learning rate 0.005 on
-ETTh1, 0.05 on ETTh2, 0.0005 with batch 8 on Exchange, 0.01 on ILI; 10 epochs halving the rate
-each epoch, patience 3.
+Hyper-parameters from the paper's scripts (cure-lab/LTSF-Linear,
+scripts/EXP-LongForecasting/Linear/; see experiments/forecasting_protocol.md): moving average
+25, heads shared across channels, batch 32 and Adam with learning rate 0.005 on ETTh1, 0.05 on
+ETTh2, 0.0005 with batch 8 on Exchange (the script's batch at H 96 and 192; it passes 32 at
+H 336 and 720), 0.01 on ILI; 10 epochs halving the rate each epoch, patience 3.
 """
 
 from experiments.configs import common

@@ -7,10 +7,11 @@ Arguments: data (etth1, exchange, ...), pred_len (96, 192, 336, 720), seq_len (9
 runlocal (two steps at tiny sizes, for smoke tests).
 
 Hyper-parameters from the authors' released scripts (nyuolab/Gateformer
-`scripts/multivariate_forecasting/ETT/Gateformer_ETTh1.sh`, `.../Exchange/Gateformer.sh`, also
-listed in FORECASTING_PROTOCOL.md): batch 8, 4 heads, d_ff = d_model, patch length = stride = 8,
-dropout 0.1, 10 epochs halving the learning rate each epoch, patience 3 (their run.py defaults,
-the TSLib protocol). Per data set and horizon (d_model, layers per encoder, learning rate):
+`scripts/multivariate_forecasting/ETT/Gateformer_ETTh1.sh`, `.../Exchange/Gateformer.sh`; see
+experiments/forecasting_protocol.md): batch 8, 4 heads, d_ff = d_model, patch length = stride
+= 8, dropout 0.1, 10 epochs halving the learning rate each epoch, patience 3 (their run.py
+defaults, the TSLib protocol). Per data set and horizon (d_model, layers per encoder, learning
+rate):
 
   ETTh1     96: (64, 1, 1e-4)   192: (64, 2, 5e-4)   336: (128, 2, 5e-4)   720: (64, 2, 5e-4)
   Exchange  96: (64, 1, 1e-4)   192: (64, 1, 1e-3)   336: (64, 1, 1e-4)    720: (128, 2, 1e-3)

@@ -7,7 +7,7 @@ Arguments: data (etth1, etth2, exchange, ...), pred_len (96, 192, 336, 720), seq
 seed (2021), runlocal (two steps at tiny sizes, for smoke tests).
 
 Hyper-parameters of TSLib's `scripts/long_term_forecast/ETT_script/Informer_ETTh1.sh` (see
-/work/shared/design/FORECASTING_PROTOCOL.md): seq_len 96, label_len 48, 2 encoder layers,
+experiments/forecasting_protocol.md): seq_len 96, label_len 48, 2 encoder layers,
 1 decoder layer, factor 3 (the paper's own scripts use its default c = 5, the model's default
 here), d_model 512, d_ff 2048, 8 heads (run.py default), distilling on, GELU (TSLib's default
 activation); dropout 0.05 (the original Informer code's default; TSLib's run.py defaults to

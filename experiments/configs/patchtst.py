@@ -8,8 +8,8 @@ r"""PatchTST (Nie et al., ICLR 2023) on long-term forecasting.
       --config=experiments/configs/patchtst.py:data=etth1,pred_len=96,native
 
 Arguments: data (etth1, etth2, exchange, illness, ...), pred_len (96, 192, 336, 720; ILI 24, 36,
-48, 60), seq_len (0 means the setting's default: 96, or 336 with native; ILI 36), seed (2021), native (the paper's L=336 settings
-below), runlocal (two steps at tiny sizes, for smoke tests).
+48, 60), seq_len (0 means the setting's default: 96, or 336 with native; ILI 36), seed (2021),
+native (the paper's L=336 settings below), runlocal (two steps at tiny sizes, for smoke tests).
 
 Default (the protocol's L=96 comparison, TSLib `scripts/long_term_forecast/ETT_script/
 PatchTST_ETTh1.sh`): 1 encoder layer, n_heads 2/8/8/16 for H 96/192/336/720, d_model 512,
@@ -29,12 +29,12 @@ d_ff 2048, dropout 0.1 unless listed):
 
 `native` (the authors' `PatchTST_supervised/scripts/PatchTST/etth1.sh`, PatchTST/42): seq_len 336,
 e_layers 3, n_heads 4, d_model 16, d_ff 128, dropout 0.3, patch 16, stride 8, batch 128, lr 1e-4,
-100 epochs, patience 100. The brief and FORECASTING_PROTOCOL.md give head dropout 0.3; the
-script passes `--fc_dropout 0.3 --head_dropout 0`, and fc_dropout only feeds the pretraining
-head, so the flatten head here runs with head_dropout 0.0, as in the authors' script. The
-script's schedule (`lradj type3`, set after epoch e for epoch e + 1: lr while e + 1 < 3, then
-lr * 0.9 ** (e + 1 - 3)) trains epochs 0 to 3 at lr and multiplies by 0.9 every epoch after:
-the trainer's step schedule with decay 0.9 every epoch from decay_start_epoch 3.
+100 epochs, patience 100. The script passes `--fc_dropout 0.3 --head_dropout 0`; fc_dropout
+only feeds the pretraining head, so the flatten head here runs with head_dropout 0.0, as in the
+authors' script. The script's schedule (`lradj type3`, set after epoch e for epoch e + 1: lr
+while e + 1 < 3, then lr * 0.9 ** (e + 1 - 3)) trains epochs 0 to 3 at lr and multiplies by 0.9
+every epoch after: the trainer's step schedule with decay 0.9 every epoch from
+decay_start_epoch 3. Sources of these settings: experiments/forecasting_protocol.md.
 """
 
 from experiments.configs import common

@@ -1,9 +1,10 @@
 r"""The reference classifier of the generation metrics: a small CNN on MNIST or CIFAR-10.
 
-`paperzoo.generation.metrics.reference_classifier(data)` trains this config once, into
-`cache_dir("reference_classifiers")/<data>`, and scores generated images with it (the accuracy
-of class-conditional samples, and the Frechet distance in its feature space). The same run by
-hand:
+Generated images are scored with this classifier (the accuracy of class-conditional samples,
+and the Frechet distance in its feature space; `paperzoo.generation.metrics`). One run per data
+set, in `cache_dir("reference_classifiers")/<data>`, is shared by every generation run on it;
+`experiments.run` trains it there the first time a config that scores samples needs it
+(`experiments.prerequisites`). The same run by hand:
 
   python -m experiments.run --workdir=$HOME/.cache/paperzoo/reference_classifiers/mnist \
       --config=experiments/configs/reference_classifier.py:data=mnist

@@ -8,11 +8,11 @@ Arguments: data (etth1, etth2, exchange: the data sets with an authors' script),
 192, 336, 720), seq_len (96), seed (2021), runlocal (two steps at tiny sizes, for smoke tests).
 
 Hyper-parameters from the authors' script (wzhwzhwzh0921/S-D-Mamba,
-scripts/multivariate_forecasting/ETT/S_Mamba_ETTh1.sh, via FORECASTING_PROTOCOL.md): 2 encoder
-layers, d_model = d_ff = 256, d_state 2, Adam with lr 7e-5 (H 96, 192) or 5e-5 (H 336, 720),
-batch 32, 10 epochs halving the learning rate each epoch, patience 3, dropout 0.1, GELU (TSLib
-defaults). The Mamba blocks of the released model (models/S_Mamba.py) use d_conv 2 and expand 1
-instead of Mamba's defaults (4, 2); we follow the released code.
+scripts/multivariate_forecasting/ETT/S_Mamba_ETTh1.sh; see experiments/forecasting_protocol.md):
+2 encoder layers, d_model = d_ff = 256, d_state 2, Adam with lr 7e-5 (H 96, 192) or 5e-5 (H 336,
+720), batch 32, 10 epochs halving the learning rate each epoch, patience 3, dropout 0.1, GELU
+(TSLib defaults). The Mamba blocks of the released model (models/S_Mamba.py) use d_conv 2 and
+expand 1 instead of Mamba's defaults (4, 2); we follow the released code.
 
 The authors' other scripts change only these (wzhwzhwzh0921/S-D-Mamba, scripts/
 multivariate_forecasting/):

@@ -10,7 +10,8 @@ Hyper-parameters from TSLib's scripts (`scripts/long_term_forecast/ETT_script/Tr
 and run.py defaults): label_len 48, 2 encoder layers, 1 decoder layer, d_model 512, d_ff 2048,
 8 heads, dropout 0.1, GELU, timeF time-feature embedding; Adam 1e-4, batch 32, 10 epochs halving
 the learning rate each epoch, patience 3 (`common.forecasting_protocol`). On a 2-core CPU one
-epoch of ETTh1 takes about a quarter of an hour; cap it with --config.train.num_epochs=N.
+epoch of ETTh1 takes about 23 minutes (experiments/results/forecasting_speed.md); cap the run
+with --config.train.num_epochs=N.
 """
 
 from experiments.configs import common

@@ -21,7 +21,8 @@ patience 10 on validation accuracy; d_model 128, 3 layers (the encoder width and
 UEA scripts vary per set; these are one setting for all four). Our validation protocol breaks
 accuracy ties by validation loss (`train.selection_tie_break`): with 8 validation series
 (BasicMotions) the accuracy is often flat for epochs, and keeping the first checkpoint at the
-top accuracy stopped one iTransformer seed at epoch 11 with its epoch-1 weights (60% test).
+top accuracy can leave a run with its first epoch's weights (an example in
+experiments/results/classification_notes.md).
 The legacy protocol keeps Time-Series-Library's rule: a tie keeps the later checkpoint.
 """
 

@@ -18,7 +18,8 @@ weight decay 0.05 (not on biases, normalization scales, positions and the class 
 batch 128, 200 epochs, RandAugment (2 operations, magnitude bin 9 of 30), random crop
 (padding 4) and flip, label smoothing 0.1, stochastic depth 0.1. MNIST tiny: d 64, 4 layers,
 4 heads, patch 4 (a 7x7 grid), 40 epochs, random crop with padding 2, no RandAugment, weight
-decay on every parameter (the recorded MNIST runs predate those two CIFAR-10 rules).
+decay on every parameter (the MNIST recipe of the runs recorded in
+experiments/results/classification.md).
 """
 
 from experiments.configs import common

@@ -43,8 +43,6 @@ import numpy as np
 
 from paperzoo.registry import DATASETS
 
-KINDS = ("tokens", "image", "series")
-
 
 @dataclasses.dataclass
 class ArraySplit:
@@ -69,7 +67,7 @@ class ClassificationData:
   """Three splits and what a model needs to know about their inputs."""
 
   name: str
-  kind: str  # one of KINDS
+  kind: str  # the kind it is registered with: "tokens", "image" or "series" (DATA_KINDS)
   train: ArraySplit
   val: ArraySplit
   test: ArraySplit
@@ -142,7 +140,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 # --------------------------------------------------------------------------------------------
 # Long Range Arena.
 # --------------------------------------------------------------------------------------------
-@DATASETS.register("listops")
+@DATASETS.register("listops", kind="tokens")
 def load_listops(data: Any) -> ClassificationData:
   from paperzoo.data.lra import listops  # pylint: disable=g-import-not-at-top
   if data.seq_len < data.max_len:
@@ -162,7 +160,7 @@ def load_listops(data: Any) -> ClassificationData:
       class_names=tuple(str(d) for d in range(10)), vocab_size=len(listops.VOCAB))
 
 
-@DATASETS.register("pathfinder")
+@DATASETS.register("pathfinder", kind="tokens")
 def load_pathfinder(data: Any) -> ClassificationData:
   from paperzoo.data.lra import pathfinder  # pylint: disable=g-import-not-at-top
   splits = pathfinder.load(data.num_train, data.num_val, data.num_test,
@@ -179,7 +177,7 @@ def load_pathfinder(data: Any) -> ClassificationData:
       class_names=("disconnected", "connected"), vocab_size=256)
 
 
-@DATASETS.register("lra_image")
+@DATASETS.register("lra_image", kind="tokens")
 def load_lra_image(data: Any) -> ClassificationData:
   from paperzoo.data import images  # pylint: disable=g-import-not-at-top
   if data.resolution < 1 or 32 % data.resolution:
@@ -217,14 +215,14 @@ def _image_data(name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
       class_names=class_names, image_mean=mean, image_std=std)
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", kind="image")
 def load_cifar10(data: Any) -> ClassificationData:
   from paperzoo.data import images  # pylint: disable=g-import-not-at-top
   return _image_data("cifar10", images.load_cifar10(root=data.root or None),
                      tuple(images.CIFAR10_CLASSES), data)
 
 
-@DATASETS.register("mnist")
+@DATASETS.register("mnist", kind="image")
 def load_mnist(data: Any) -> ClassificationData:
   from paperzoo.data import images  # pylint: disable=g-import-not-at-top
   return _image_data("mnist", images.load_mnist(root=data.root or None),
@@ -234,7 +232,7 @@ def load_mnist(data: Any) -> ClassificationData:
 # --------------------------------------------------------------------------------------------
 # UEA multivariate time series.
 # --------------------------------------------------------------------------------------------
-@DATASETS.register("uea")
+@DATASETS.register("uea", kind="series")
 def load_uea(data: Any) -> ClassificationData:
   from paperzoo.data import uea  # pylint: disable=g-import-not-at-top
   loaded = uea.load_uea(data.subset, root=data.root or None, val_fraction=data.val_fraction,
@@ -250,5 +248,3 @@ def load_uea(data: Any) -> ClassificationData:
       class_names=tuple(loaded.class_names),
       selection="test (legacy)" if data.legacy_test_selection else "validation")
 
-
-CLASSIFICATION_DATASETS = ("cifar10", "listops", "lra_image", "mnist", "pathfinder", "uea")

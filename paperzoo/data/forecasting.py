@@ -1,6 +1,6 @@
 """Long-term forecasting data, split, scaled and windowed exactly as Time-Series-Library does.
 
-The protocol (shared/design/FORECASTING_PROTOCOL.md) is TSLib's `features='M'` (every column in,
+The protocol (experiments/forecasting_protocol.md) is TSLib's `features='M'` (every column in,
 every column out) with `timeenc=1` ("timeF" time features):
 
 - ETT (`Dataset_ETT_hour` / `Dataset_ETT_minute`): 12/4/4 months of 30 days for
@@ -371,7 +371,7 @@ def _make_file_loader(name: str, layout: str, relpath: str,
 
 
 for _name, (_layout, _relpath, _freq) in FORECASTING_DATASETS.items():
-  DATASETS.register(_name)(_make_file_loader(_name, _layout, _relpath, _freq))
+  DATASETS.register(_name, kind="forecasting")(_make_file_loader(_name, _layout, _relpath, _freq))
 del _name, _layout, _relpath, _freq
 
 SYNTHETIC_NUM_ROWS = 4000
@@ -402,7 +402,7 @@ def synthetic_series(num_rows: int = SYNTHETIC_NUM_ROWS,
   return columns, values, dates
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register("synthetic", kind="forecasting")
 def load_synthetic(*, seq_len: int, label_len: int, pred_len: int,
                    root: str | os.PathLike | None = None) -> ForecastingData:
   """The synthetic hourly set (no file; `root` is ignored), split 70/10/20 like custom CSVs."""
@@ -414,14 +414,8 @@ def load_synthetic(*, seq_len: int, label_len: int, pred_len: int,
                            label_len=label_len, pred_len=pred_len)
 
 
-FORECASTING_NAMES = tuple(FORECASTING_DATASETS) + ("synthetic",)
-
-
 def load_forecasting(name: str, *, seq_len: int, label_len: int, pred_len: int,
                      root: str | os.PathLike | None = None) -> ForecastingData:
-  """The forecasting data set registered as `name` (see FORECASTING_NAMES)."""
-  loader = DATASETS.get(name)  # UnknownNameError listing the valid names
-  if name not in FORECASTING_NAMES:
-    raise ValueError(f"data set {name!r} is not a forecasting data set; forecasting data sets: "
-                     f"{', '.join(FORECASTING_NAMES)}")
+  """The forecasting data set registered as `name` (a ValueError for another kind of data)."""
+  loader = DATASETS.get(name, kinds=("forecasting",))
   return loader(seq_len=seq_len, label_len=label_len, pred_len=pred_len, root=root)

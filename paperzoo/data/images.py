@@ -51,6 +51,8 @@ CIFAR10_IMAGE_SHAPE = (32, 32, 3)
 
 # tf.image.rgb_to_grayscale's weights (ITU-R BT.601 luma), used by LRA's Image task.
 LRA_GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
+# The same weights in units of 1/10000, so that to_grayscale can compute in exact integers.
+_LRA_GRAYSCALE_WEIGHTS_E4 = (2989, 5870, 1140)
 
 MNIST_TEST_EVERY = 5  # every fifth MNIST image is in the project's test split
 MNIST_IMAGE_SHAPE = (28, 28)
@@ -59,7 +61,7 @@ MNIST_IMAGE_SHAPE = (28, 28)
 _CACHE_VERSION = 1
 _JPEG_ENTRY = re.compile(r"^(?P<split>[^/]+)/(?P<label>[^/]+)/(?P<name>[^/]+\.jpe?g)$",
                          re.IGNORECASE)
-_GRAYSCALE_CHUNK = 1 << 22  # pixels per float32 chunk in to_grayscale (bounds its memory)
+_GRAYSCALE_CHUNK = 1 << 20  # pixels per int64 chunk in to_grayscale (bounds its memory only)
 
 
 class DataFormatError(ValueError):
@@ -163,27 +165,36 @@ def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
 
 
 def to_grayscale(images: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] RGB -> uint8 [...] intensities, exactly as LRA's Image task computes them.
+  """uint8 [..., 3] RGB -> uint8 [...] intensities: LRA's Image task conversion, computed exactly.
 
   LRA (`lra_benchmarks/image/input_pipeline.py`) feeds `tf.image.rgb_to_grayscale(image)`, which
   scales to float32 in [0, 1] (x * (1/255)), takes the dot product with LRA_GRAYSCALE_WEIGHTS,
   and converts back with `convert_image_dtype`: multiply by 255.5 and *truncate*. So the value is
-  floor((0.2989 R + 0.587 G + 0.114 B) * 255.5 / 255) in float32, not round-to-nearest: pure
-  green (0, 255, 0) gives 149 where rounding would give 150. The float32 steps are replicated
-  here; only the summation order of the dot product may differ from TensorFlow's, which can move
-  a value lying within float32 rounding of an integer by one.
+  floor((0.2989 R + 0.587 G + 0.114 B) * 255.5 / 255), not round-to-nearest: pure green
+  (0, 255, 0) gives 149 where rounding would give 150.
+
+  Here that formula is evaluated exactly, in int64: with the weights as 2989, 5870, 1140
+  (/ 10000) and 255.5 = 511 / 2, the pixel is
+
+      floor((2989 R + 5870 G + 1140 B) * 511 / (255 * 10000 * 2)),
+
+  so every pixel depends on its own R, G, B alone, whatever the batch, chunking or BLAS.
+  TensorFlow evaluates the same formula in float32, in a summation order its kernel chooses, so
+  it can be one above or below the exact value where that lies within float32 rounding (~1e-5)
+  of an integer (it is never an integer, except for black): about 1 in 100,000 of CIFAR-10's
+  pixels. The exact value is chosen because it is the formula's true value and the same on
+  every batch and machine, which no float32 evaluation is; a float64 evaluation agrees with it.
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.shape[-1:] != (3,):
     raise ValueError(f"to_grayscale expects uint8 [..., 3] RGB images, got {images.dtype} "
                      f"{images.shape}")
-  weights = np.asarray(LRA_GRAYSCALE_WEIGHTS, np.float32)
   pixels = images.reshape(-1, 3)
   out = np.empty(len(pixels), np.uint8)
-  for start in range(0, len(pixels), _GRAYSCALE_CHUNK):  # chunks: float32 copies of 60k images
-    chunk = pixels[start:start + _GRAYSCALE_CHUNK].astype(np.float32) * np.float32(1.0 / 255.0)
-    gray = (chunk @ weights) * np.float32(255.5)
-    out[start:start + _GRAYSCALE_CHUNK] = gray.astype(np.uint8)  # C cast truncates, as tf.cast
+  for start in range(0, len(pixels), _GRAYSCALE_CHUNK):  # chunks: int64 copies of 60k images
+    rgb = pixels[start:start + _GRAYSCALE_CHUNK].astype(np.int64)
+    weighted = sum(rgb[:, c] * w for c, w in enumerate(_LRA_GRAYSCALE_WEIGHTS_E4))  # <= 2.55e6
+    out[start:start + _GRAYSCALE_CHUNK] = weighted * 511 // (255 * 10000 * 2)  # floor, <= 255
   return out.reshape(images.shape[:-1])
 
 

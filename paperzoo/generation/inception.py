@@ -95,6 +95,7 @@ import numpy as np
 from flax import nnx
 
 from paperzoo.data import batches
+from paperzoo.data import files
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -468,14 +469,13 @@ def load_weights(path: str | os.PathLike) -> FIDInceptionV3:
 
 def save_weights(model: FIDInceptionV3, path: str | os.PathLike) -> pathlib.Path:
   """Writes the model's weights to `path` (.npz, module docstring), atomically."""
-  from paperzoo.data.files import atomic_write  # pylint: disable=g-import-not-at-top
   arrays = model_arrays(model)
 
   def write(tmp: pathlib.Path) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a tmp name
       np.savez(f, **arrays)
 
-  return atomic_write(pathlib.Path(path).expanduser(), write)
+  return files.atomic_write(pathlib.Path(path).expanduser(), write)
 
 
 # --------------------------------------------------------------------------------------------

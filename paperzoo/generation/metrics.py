@@ -1,16 +1,17 @@
 r"""Scores for generated images and for image tokenizers, with a classifier the project trains.
 
 Standard FID needs Inception-v3 weights, which nothing here can download; so generated images are
-scored in the feature space of a *reference classifier* that paperzoo trains itself, once per data
-set, through the ordinary trainer (`experiments/configs/reference_classifier.py`, a small CNN,
-`paperzoo.models.reference_cnn`). Its scores compare runs within paperzoo, not with published FID.
+scored in the feature space of a *reference classifier*: a small CNN (`paperzoo.models.
+reference_cnn`) that paperzoo trains with its ordinary trainer, once per data set
+(`experiments/configs/reference_classifier.py`). Its scores compare runs within paperzoo, not
+with published FID.
 Standard FID is added where the user supplies the Inception weights file
 (`paperzoo.generation.inception`, which says how to get and convert it): `sample_scores(...,
 inception_weights=path)`, or `task.inception_weights` in the generation configs.
 
     from paperzoo.generation import metrics
 
-    classifier = metrics.reference_classifier("mnist")     # trained once, then reused
+    classifier = metrics.reference_classifier(metrics.reference_run(config))  # a finished run
     scores = metrics.sample_scores(samples, labels, real_images, classifier)
     # {"class_accuracy": ..., "classifier_frechet_distance": ...}
 
@@ -44,81 +45,28 @@ returns the mean over images. uint8 images have peak 255; float images are taken
 [-1, 1] (paperzoo's generative models' pixel range), whose peak-to-peak range is 2, so the two
 give the same number for the same picture (up to uint8 rounding).
 
-Reference classifiers live in `cache_dir("reference_classifiers")/<data name>` (a workdir of the
-trainer); delete the folder to retrain, e.g. after changing their config.
+A reference classifier is a finished run of the trainer, shared by every run on its data set:
+by default `cache_dir("reference_classifiers")/<data name>` (`reference_run`). This module only
+reads it; `python -m experiments.run` trains it when a config that scores samples needs it
+(`experiments.prerequisites`). Delete the folder to retrain it, e.g. after changing its config.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from paperzoo import workdir as workdir_lib
 from paperzoo.data import batches
+from paperzoo.data import files
+from paperzoo.generation import inception
 
-REFERENCE_DATA_SETS = ("mnist", "cifar10")
+REFERENCE_MODEL = "reference_cnn"  # the model a reference classifier run trains
 _BATCH = 500  # images per jitted call of the reference classifier
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a trained run.
-# --------------------------------------------------------------------------------------------
-def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`; tuples come back as lists)."""
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a paperzoo workdir")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_best_model(config: Any, workdir: str | pathlib.Path, *, task: Any = None
-                    ) -> tuple[nnx.Module, Any]:
-  """The model of `workdir`'s best checkpoint (its EMA parameters if the run kept an EMA) and
-  the task, from the config the run was trained with.
-
-  The abstract train state is rebuilt as the trainer builds it ({step, params, extra,
-  opt_state, [ema]}, Variables unboxed to plain arrays) so that orbax restores the checkpoint
-  onto it; a model config that does not match the checkpoint raises CheckpointMismatchError.
-  """
-  from paperzoo import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from paperzoo import optim  # pylint: disable=g-import-not-at-top
-  from paperzoo import trainer  # pylint: disable=g-import-not-at-top
-  from paperzoo.registry import MODELS, TASKS  # pylint: disable=g-import-not-at-top
-  task = TASKS.get(config.task.name)(config) if task is None else task
-  model_cls = MODELS.get(config.model.name)
-  tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
-      config.optimizer, total_steps=1, steps_per_epoch=1))  # only the state's structure counts
-  ema = float(config.train.ema_decay) > 0
-
-  def make_model() -> nnx.Module:
-    return model_cls(config.model, **task.model_kwargs(), rngs=nnx.Rngs(params=0))
-
-  def boxed_state() -> dict[str, Any]:
-    _, params, extra = nnx.split(make_model(), nnx.Param, ...)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "extra": extra,
-             "opt_state": tx.init(params)}
-    if ema:
-      state["ema"] = params
-    return state
-
-  with nnx.use_eager_sharding(False):
-    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    abstract = trainer.unbox_variables(jax.eval_shape(boxed_state))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=1)
-  try:
-    state, _ = checkpoints.restore(abstract, best=True)
-  finally:
-    checkpoints.close()
-  return nnx.merge(graphdef, state["ema" if ema else "params"], state["extra"]), task
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,40 +127,41 @@ class ReferenceClassifier:
     return images
 
 
-def reference_classifier(data_name: str, *, workdir: str | pathlib.Path | None = None,
-                         config_arg: str = "") -> ReferenceClassifier:
-  """The reference classifier of `data_name` ("mnist" or "cifar10"), trained if needed.
+def shared_reference_workdir(data_name: str) -> pathlib.Path:
+  """Where the reference classifier of `data_name` that every run on it shares lives:
+  `cache_dir("reference_classifiers")/<data_name>`."""
+  return files.cache_dir("reference_classifiers") / data_name
 
-  The run lives in `workdir` (default `cache_dir("reference_classifiers")/<data_name>`). If its
-  `results.json` says "done" it is reused; otherwise `experiments/configs/reference_classifier.py`
-  (with `data=<data_name>` and `config_arg`, e.g. "runlocal" for a two-step smoke run) is trained
-  there through `paperzoo.train_and_evaluate` (resuming an interrupted run). The best checkpoint
-  is loaded with the config the run saved.
-  """
-  if data_name not in REFERENCE_DATA_SETS:
-    raise ValueError(f"no reference classifier for data set {data_name!r}; valid: "
-                     f"{', '.join(REFERENCE_DATA_SETS)}")
-  if workdir is None:
-    from paperzoo.data.files import cache_dir  # pylint: disable=g-import-not-at-top
-    workdir = cache_dir("reference_classifiers") / data_name
-  workdir = pathlib.Path(workdir)
-  results_path = workdir / "results.json"
-  results = json.loads(results_path.read_text()) if results_path.exists() else {}
-  if results.get("status") != "done":
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.configs import reference_classifier as config_module
-    config = config_module.get_config(",".join(filter(None, [f"data={data_name}", config_arg])))
-    results = paperzoo.train_and_evaluate(config, workdir)
-    if results.get("status") != "done":
-      raise RuntimeError(f"training the {data_name} reference classifier in {workdir} stopped "
-                         f"({results}); call reference_classifier again to resume")
-  config = read_workdir_config(workdir)
-  if config.data.name != data_name:
-    raise ValueError(f"{workdir} holds a reference classifier of {config.data.name!r}, not "
-                     f"{data_name!r}")
-  model, task = load_best_model(config, workdir)
-  return ReferenceClassifier(model, task, data_name=data_name, workdir=workdir, results=results)
+
+def reference_run(config: Any) -> workdir_lib.RequiredRun:
+  """The reference classifier a generation config's samples are scored with: the run in
+  `config.task.reference_workdir` ("" = `cache_dir("reference_classifiers")/<data name>`, the
+  one classifier every run on that data set shares), trained by
+  `experiments/configs/reference_classifier.py:<config.task.reference_config>` ("" =
+  `data=<data name>`)."""
+  data_name = config.data.name
+  get = config.task.get
+  workdir = get("reference_workdir", "") or shared_reference_workdir(data_name)
+  return workdir_lib.RequiredRun(
+      role="reference classifier", workdir=pathlib.Path(workdir).expanduser(),
+      config=f"reference_classifier.py:{get('reference_config', '') or f'data={data_name}'}",
+      model=REFERENCE_MODEL, data=data_name)
+
+
+def scoring_runs(config: Any, samples_per_class: int) -> list[workdir_lib.RequiredRun]:
+  """What a generation task reads to score its samples: the reference classifier
+  (`reference_run`), or nothing when it scores none (`samples_per_class` 0)."""
+  return [reference_run(config)] if samples_per_class > 0 else []
+
+
+def reference_classifier(run: workdir_lib.RequiredRun) -> ReferenceClassifier:
+  """The finished reference classifier `run` names (`reference_run`), its best checkpoint
+  loaded with the config the run saved; MissingRunError, with the command that trains it, when
+  it has not finished."""
+  config = workdir_lib.check_required(run)
+  model, task = workdir_lib.load_best_model(run.workdir, config=config)
+  return ReferenceClassifier(model, task, data_name=run.data, workdir=run.workdir,
+                             results=workdir_lib.read_results(run.workdir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +225,6 @@ def sample_scores(samples: np.ndarray, labels: np.ndarray, real: np.ndarray,
                                                       classifier.features(samples)),
   }
   if inception_weights:
-    from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
     scores["fid"] = inception.frechet_inception_distance(real, samples, inception_weights)
   return scores
 

@@ -41,8 +41,10 @@ import numpy as np
 
 from paperzoo import plots
 from paperzoo import sharding
+from paperzoo.data import augment
 from paperzoo.data import batches
-from paperzoo.data import classification as classification_data
+from paperzoo.data import randaugment
+from paperzoo.data.lra import listops
 from paperzoo.registry import DATASETS, TASKS
 
 
@@ -52,12 +54,11 @@ class ClassificationTask:
 
   selection_metric = "accuracy"
   selection_mode = "max"
+  data_kinds = ("tokens", "image", "series")
 
   def __init__(self, config: Any):
     name = config.data.name
-    if name not in classification_data.CLASSIFICATION_DATASETS:
-      raise ValueError(f"data set {name!r} is not a classification data set; valid: "
-                       f"{', '.join(classification_data.CLASSIFICATION_DATASETS)}")
+    load = DATASETS.get(name, kinds=self.data_kinds)
     task = config.task
     self.label_smoothing = float(task.get("label_smoothing", 0.0))
     self.crop_padding = int(task.get("crop_padding", 0))
@@ -70,7 +71,7 @@ class ClassificationTask:
                        f"task.randaugment_magnitude={self.randaugment_magnitude} in [0, 30]")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"task.label_smoothing={self.label_smoothing} must be in [0, 1)")
-    self.data = DATASETS.get(name)(config.data)
+    self.data = load(config.data)
     self.augments = bool(self.crop_padding or self.flip or self.mixup_alpha
                          or self.randaugment_ops)
     if self.augments and self.data.kind != "image":
@@ -110,7 +111,6 @@ class ClassificationTask:
   def augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
     """The training augmentation of uint8 images up to mixup: RandAugment on the pixels, then
     normalization, random crop and flip. Returns normalized float32 images."""
-    from paperzoo.data import augment, randaugment  # pylint: disable=g-import-not-at-top
     if self.randaugment_ops:
       images = randaugment.rand_augment(images, jax.random.fold_in(key, 1),
                                         num_ops=self.randaugment_ops,
@@ -128,7 +128,6 @@ class ClassificationTask:
     inputs = self.inputs(batch)
     targets = self.targets(batch["label"])
     if train and self.augments:
-      from paperzoo.data import augment  # pylint: disable=g-import-not-at-top
       key = rngs.dropout()
       inputs["inputs"] = self.augment(batch["inputs"], key)
       if self.mixup_alpha:
@@ -185,7 +184,6 @@ class ClassificationTask:
       paths.append(plots.image_grid(inputs.reshape(-1, side, side).astype(np.uint8), titles,
                                     workdir / "examples.png"))
     elif self.data.name == "listops":
-      from paperzoo.data.lra import listops  # pylint: disable=g-import-not-at-top
       lines = [f"true {names[labels[i]]} predicted {names[predicted[i]]}: "
                + " ".join(listops.VOCAB[t] for t in test.arrays["inputs"][i] if t)
                for i in shown]

@@ -35,6 +35,7 @@ class ForecastingTask:
 
   selection_metric = "mse"
   selection_mode = "min"
+  data_kinds = ("forecasting",)
 
   def __init__(self, config: Any):
     if config.task.loss not in LOSSES:

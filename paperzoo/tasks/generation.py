@@ -6,9 +6,9 @@ samplers and guidance are in `paperzoo.generation.diffusion`; the network (e.g. 
 and for ddpm optionally 2C channels (eps and a learned variance, improved DDPM): the task reads
 which from the output's channel count, so it needs no model key.
 
-Data: any image data set of `paperzoo.data.classification` (mnist, cifar10), uint8 [N, H, W, C]
-with labels. Pixels are scaled to [-1, 1] (x / 127.5 - 1); images are padded with black to
-`image_size` (MNIST 28 -> 32, two pixels each side) once, when the splits are built. Sampled
+Data: any data set of kind "image" (mnist, cifar10), uint8 [N, H, W, C] with labels. Pixels
+are scaled to [-1, 1] (x / 127.5 - 1); images are padded with black to `image_size` (MNIST
+28 -> 32, two pixels each side) once, when the splits are built. Sampled
 images are mapped back to uint8 and cropped to the data set's own size for scoring.
 
 Time input of the network, on one 0..1000 scale for both objectives: ddpm the integer timestep t
@@ -32,8 +32,9 @@ Model selection: validation `loss` (min).
 
 After training (`final_metrics`, the trainer's optional hook): `samples_per_class` guided
 samples of every class, scored by `paperzoo.generation.metrics.sample_scores` against the test
-images with the data set's reference classifier (class accuracy of the samples, Frechet
-distance in the classifier's feature space), plus standard FID ("fid") when
+images with the data set's reference classifier, a finished run the task reads
+(`paperzoo.generation.metrics.reference_run`; class accuracy of the samples, Frechet distance
+in the classifier's feature space), plus standard FID ("fid") when
 `inception_weights` names the Inception weights file (`paperzoo.generation.inception`); the
 samples are saved to `samples.npz`.
 Pictures: `samples.png` (rows = classes) and `denoising.png` (x_t along the sampler, one row per
@@ -63,6 +64,10 @@ Config keys (`config.task`):
                                 paperzoo.generation.inception); set: final_metrics adds "fid"
                                 of the samples against the test images ("": off). Checked when
                                 the task is built, so a wrong path fails before training.
+  reference_workdir   ("")      the reference classifier's workdir ("" = the shared
+                                cache_dir("reference_classifiers")/<data name>)
+  reference_config    ("")      the `experiments/configs/reference_classifier.py` argument that
+                                trains it ("" = "data=<data name>")
 """
 
 from __future__ import annotations
@@ -77,13 +82,15 @@ import numpy as np
 
 from paperzoo import plots
 from paperzoo import sharding
+from paperzoo import workdir as workdir_lib
+from paperzoo.data import augment
 from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.generation import diffusion
+from paperzoo.generation import inception
+from paperzoo.generation import metrics
 from paperzoo.registry import DATASETS, TASKS
 
-# Labelled uint8 image data sets of paperzoo.data.classification.
-IMAGE_DATA_SETS = ("cifar10", "mnist")
 # The fixed noise of evaluation: every evaluation of a batch draws the same x_t.
 EVAL_NOISE_SEED = 20_231_020
 # The network's time input for flow matching is 1000 t, on the scale of the ddpm timesteps.
@@ -126,8 +133,15 @@ class DiffusionTask:
 
   selection_metric = "loss"
   selection_mode = "min"
+  data_kinds = ("image",)
+
+  @staticmethod
+  def required_runs(config: Any) -> list[workdir_lib.RequiredRun]:
+    """The reference classifier, when samples are scored."""
+    return metrics.scoring_runs(config, int(config.task.get("samples_per_class", 100)))
 
   def __init__(self, config: Any):
+    self.config = config
     task = config.task
     get = task.get
     self.objective = get("objective", "ddpm")
@@ -157,7 +171,6 @@ class DiffusionTask:
     self.sample_seed = int(get("sample_seed", 0))
     self.inception_weights = str(get("inception_weights", ""))
     if self.inception_weights:
-      from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
       inception.read_weights(self.inception_weights)  # fail now, not after training
     self.flip = bool(get("flip", False))
     if self.objective == "ddpm":
@@ -168,11 +181,7 @@ class DiffusionTask:
     elif self.sampling_steps < 1:
       raise ValueError(f"task.sampling_steps={self.sampling_steps} must be >= 1")
 
-    name = config.data.name
-    if name not in IMAGE_DATA_SETS:
-      raise ValueError(f"the diffusion task generates images; data set {name!r} is not one of "
-                       f"its image data sets (valid: {', '.join(IMAGE_DATA_SETS)})")
-    self.data = DATASETS.get(name)(config.data)
+    self.data = DATASETS.get(config.data.name, kinds=self.data_kinds)(config.data)
     self.native_shape = self.data.input_shape  # (H, W, C)
     size = int(get("image_size", 32)) or max(self.native_shape[:2])
     self.splits = {split: classification_data.ArraySplit({
@@ -231,7 +240,6 @@ class DiffusionTask:
     labels = batch["label"]
     t_key, noise_key, flip_key = jax.random.split(rngs.dropout(), 3)
     if train and self.flip:
-      from paperzoo.data import augment  # pylint: disable=g-import-not-at-top
       x0 = augment.random_flip(x0, flip_key)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
     batch_size = x0.shape[0]
@@ -346,7 +354,6 @@ class DiffusionTask:
     is 0."""
     if self.samples_per_class <= 0:
       return {}
-    from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     labels = np.repeat(np.arange(self.num_classes), self.samples_per_class).astype(np.int32)
     samples = self.generate(predict, labels)
@@ -354,7 +361,7 @@ class DiffusionTask:
     self._samples = (samples, labels)
     if sharding.is_primary_process():
       np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
-    classifier = metrics.reference_classifier(self.data.name)
+    classifier = metrics.reference_classifier(metrics.reference_run(self.config))
     scores = metrics.sample_scores(samples, labels, self.data.test.arrays["inputs"], classifier,
                                    inception_weights=self.inception_weights)
     return {**{k: float(v) for k, v in scores.items()}, "num_samples": int(len(labels)),

@@ -3,10 +3,11 @@ r"""Next-scale prediction: VAR's second stage, a transformer over a frozen multi
 Registered as task "next_scale" (Tian et al., NeurIPS 2024, Sec. 3.2; the model is
 `paperzoo.models.var`). The tokenizer (`paperzoo.models.var_tokenizer`) is a finished run of
 this project's trainer, named by `task.tokenizer_workdir`; it is loaded from its best checkpoint
-(`paperzoo.generation.metrics.load_best_model`) and never trained here.
+(`paperzoo.workdir.load_best_model`) and never trained here: `required_runs` names it, so the
+trainer refuses to start without it and `python -m experiments.run` trains it first.
 
-Data: the image data set `config.data.name` (mnist or cifar10, `paperzoo.data.classification`
-splits), which must be the one the tokenizer was trained on. Every image of every split is
+Data: an image data set (kind "image", e.g. mnist or cifar10, the classification splits), the
+one the tokenizer was trained on. Every image of every split is
 encoded once into its token maps r_1..r_K (flattened scale by scale into "tokens" int32 [L]) and
 the teacher-forcing inputs x_2..x_K (the tokenizer's `next_scale_inputs`, flattened into
 "scale_inputs" [L - n_1, D], stored as float16 to halve the memory: CIFAR-10's 60,000 images
@@ -29,18 +30,20 @@ Frechet distance in its feature space), and again without guidance (class accura
 `*_unguided`, to show what guidance buys), each with standard FID ("fid", "fid_unguided") when
 `inception_weights` names the Inception weights file (`paperzoo.generation.inception`); the
 guided samples go to `samples.npz`.
-`samples_per_class=0` skips all of this, so no reference classifier is trained (runlocal).
+The reference classifier is another finished run (`paperzoo.generation.metrics.reference_run`);
+`samples_per_class=0` skips all of this, and then no reference classifier is needed (runlocal).
 Pictures: `samples.png` (rows = classes) and `scales.png` (one sample per class decoded from
 f_hat after 1, 2, ..., K scales: the image built coarse to fine).
 
 Config keys (`config.task`):
-  tokenizer_workdir  (str, "")      workdir of a finished var_tokenizer run ("" with
-                                    tokenizer_config set: cache_dir("var_tokenizers")/
-                                    <tokenizer_config>_<hash of that config>)
-  tokenizer_config   (str, "")      if set and the tokenizer workdir holds no finished run,
-                                    train `experiments/configs/var_tokenizer.py:<this>` there
-                                    first (as `metrics.reference_classifier` does); "" raises
-                                    an error that gives the command instead
+  tokenizer_workdir  (str, required) workdir of a finished var_tokenizer run on this data set
+  tokenizer_config   (str, "")      the `experiments/configs/var_tokenizer.py` argument that
+                                    trains it ("" = "data=<data name>"): shown in the error
+                                    when it is missing, and what `experiments.run` trains
+  reference_workdir  (str, "")      the reference classifier's workdir ("" = the shared
+                                    cache_dir("reference_classifiers")/<data name>)
+  reference_config   (str, "")      the `experiments/configs/reference_classifier.py` argument
+                                    that trains it ("" = "data=<data name>")
   guidance_scale     (float, 2.0)   s of the module docstring of paperzoo.models.var (0: none)
   guidance_schedule  (str, "linear") "linear" (VAR's ramp over scales) | "constant"
   top_k              (int, 0)       keep the k most likely tokens (0: all)
@@ -57,11 +60,9 @@ Config keys (`config.task`):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import pathlib
-import re
 import time
 from typing import Any, Callable
 
@@ -73,15 +74,17 @@ from flax import nnx
 
 from paperzoo import plots
 from paperzoo import sharding
+from paperzoo import workdir as workdir_lib
 from paperzoo.data import batches
 from paperzoo.data import classification as classification_data
 from paperzoo.data import files
+from paperzoo.generation import inception
+from paperzoo.generation import metrics
 from paperzoo.models import var as var_model
 from paperzoo.registry import DATASETS, TASKS
 from paperzoo.tasks.generation import to_uint8
 from paperzoo.tasks.tokenizer import to_pixels
 
-IMAGE_DATA_SETS = ("mnist", "cifar10")
 TOKEN_CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 PICTURE_SAMPLES_PER_CLASS = 8
 _ENCODE_BATCH = 500
@@ -90,86 +93,19 @@ _ENCODE_BATCH = 500
 # --------------------------------------------------------------------------------------------
 # The frozen tokenizer.
 # --------------------------------------------------------------------------------------------
-def tokenizer_command(workdir: pathlib.Path, data_name: str) -> str:
-  return (f"python -m experiments.run --workdir={workdir} "
-          f"--config=experiments/configs/var_tokenizer.py:data={data_name}")
-
-
-def resolve_tokenizer_workdir(workdir: str, tokenizer_config: str) -> pathlib.Path:
-  """`task.tokenizer_workdir`, or for "" the cache folder of `tokenizer_config`:
-  cache_dir("var_tokenizers")/<argument>_<sha256 of the config it gives>, so a changed
-  tokenizer config trains a new tokenizer instead of reusing a stale one."""
-  if workdir:
-    return pathlib.Path(workdir).expanduser()
-  if not tokenizer_config:
-    raise ValueError("set task.tokenizer_workdir to a finished var_tokenizer run (or "
-                     "task.tokenizer_config to train one in the cache)")
-  from experiments.configs import var_tokenizer  # pylint: disable=g-import-not-at-top
-  config_json = var_tokenizer.get_config(tokenizer_config).to_json(sort_keys=True)
-  slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", tokenizer_config)
-  digest = hashlib.sha256(config_json.encode()).hexdigest()[:12]
-  return files.cache_dir("var_tokenizers") / f"{slug}_{digest}"
-
-
-def _is_done(workdir: pathlib.Path) -> bool:
-  path = workdir / "results.json"
-  try:
-    return json.loads(path.read_text()).get("status") == "done"
-  except (OSError, ValueError):
-    return False
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: pathlib.Path):
-  """An exclusive file lock (two test workers must not train one tokenizer workdir at once)."""
-  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only; the rest of the task is not)
-  lock_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(lock_path, "w") as handle:
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_tokenizer(workdir: pathlib.Path, tokenizer_config: str, data_name: str) -> None:
-  """Returns if `workdir` holds a finished tokenizer run; trains one there if
-  `tokenizer_config` is set; otherwise raises FileNotFoundError with the command."""
-  if _is_done(workdir):
-    return
-  if not tokenizer_config:
-    raise FileNotFoundError(
-        f"task.tokenizer_workdir={workdir} holds no finished tokenizer run "
-        f"({workdir / 'results.json'} is missing or not 'done'). Train one first:\n  "
-        f"{tokenizer_command(workdir, data_name)}\n(or set task.tokenizer_config, e.g. "
-        f"'data={data_name}', to have this task train it)")
-  with _exclusive(workdir.parent / f".{workdir.name}.lock"):
-    if _is_done(workdir):  # another process finished it while we waited
-      return
-    import paperzoo  # pylint: disable=g-import-not-at-top
-    from experiments.configs import var_tokenizer  # pylint: disable=g-import-not-at-top
-    config = var_tokenizer.get_config(tokenizer_config)
-    if config.data.name != data_name:
-      raise ValueError(f"task.tokenizer_config={tokenizer_config!r} trains on "
-                       f"{config.data.name!r}, but this run's data is {data_name!r}")
-    results = paperzoo.train_and_evaluate(config, workdir)
-    if results.get("status") != "done":
-      raise RuntimeError(f"training the tokenizer in {workdir} stopped ({results}); run again "
-                         f"to resume")
-
-
-def checkpoint_sha256(workdir: pathlib.Path) -> str:
-  """sha256 over the files of `workdir`'s best checkpoint (relative names and contents): the
-  identity of the trained tokenizer."""
-  best = workdir / "best"
-  paths = sorted(p for p in best.rglob("*") if p.is_file()) if best.exists() else []
-  if not paths:
-    raise FileNotFoundError(f"no best checkpoint under {best}")
-  digest = hashlib.sha256()
-  for path in paths:
-    digest.update(str(path.relative_to(best)).encode())
-    digest.update(files.file_sha256(path).encode())
-  return digest.hexdigest()
+def tokenizer_run(config: Any) -> workdir_lib.RequiredRun:
+  """The finished var_tokenizer run that `config` reads: `task.tokenizer_workdir`, trained by
+  `experiments/configs/var_tokenizer.py:<task.tokenizer_config>`."""
+  get = config.task.get
+  workdir = get("tokenizer_workdir", "")
+  if not workdir:
+    raise ValueError("task.tokenizer_workdir is empty: set it to the workdir of a var_tokenizer "
+                     "run (experiments/configs/var.py does)")
+  data_name = config.data.name
+  return workdir_lib.RequiredRun(
+      role="VAR tokenizer", workdir=pathlib.Path(workdir).expanduser(),
+      config=f"var_tokenizer.py:{get('tokenizer_config', '') or f'data={data_name}'}",
+      model="var_tokenizer", data=data_name)
 
 
 def encode_images(tokenizer: nnx.Module, images: np.ndarray, *,
@@ -202,15 +138,19 @@ class NextScaleTask:
 
   selection_metric = "loss"
   selection_mode = "min"
+  data_kinds = ("image",)
+
+  @staticmethod
+  def required_runs(config: Any) -> list[workdir_lib.RequiredRun]:
+    """The tokenizer, and the reference classifier when samples are scored."""
+    return [tokenizer_run(config)] + metrics.scoring_runs(
+        config, int(config.task.get("samples_per_class", 50)))
 
   def __init__(self, config: Any):
-    from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
     get = config.task.get
     self.config = config
     name = config.data.name
-    if name not in IMAGE_DATA_SETS:
-      raise ValueError(f"the next_scale task generates images; got data {name!r}, valid: "
-                       f"{', '.join(IMAGE_DATA_SETS)}")
+    load = DATASETS.get(name, kinds=self.data_kinds)
     self.guidance_scale = float(get("guidance_scale", 2.0))
     self.guidance_schedule = get("guidance_schedule", "linear")
     var_model.guidance_at(0, 1, 0.0, self.guidance_schedule)  # fails on an unknown schedule
@@ -225,33 +165,24 @@ class NextScaleTask:
     self.sample_seed = int(get("sample_seed", 0))
     self.inception_weights = str(get("inception_weights", ""))
     if self.inception_weights:
-      from paperzoo.generation import inception  # pylint: disable=g-import-not-at-top
       inception.read_weights(self.inception_weights)  # fail now, not after training
 
-    # The frozen tokenizer.
-    tokenizer_config = get("tokenizer_config", "")
-    self.tokenizer_workdir = resolve_tokenizer_workdir(get("tokenizer_workdir", ""),
-                                                       tokenizer_config)
-    ensure_tokenizer(self.tokenizer_workdir, tokenizer_config, name)
-    tokenizer_run = metrics.read_workdir_config(self.tokenizer_workdir)
-    if tokenizer_run.model.name != "var_tokenizer":
-      raise ValueError(f"{self.tokenizer_workdir} holds a {tokenizer_run.model.name!r} run, not "
-                       f"a var_tokenizer")
-    if tokenizer_run.data.name != name:
-      raise ValueError(f"the tokenizer in {self.tokenizer_workdir} was trained on "
-                       f"{tokenizer_run.data.name!r}, but this run's data is {name!r}; train one "
-                       f"on {name}: {tokenizer_command(self.tokenizer_workdir, name)}")
-    self.tokenizer, _ = metrics.load_best_model(tokenizer_run, self.tokenizer_workdir)
+    # The frozen tokenizer: a finished run (never trained here).
+    tokenizer = tokenizer_run(config)
+    self.tokenizer_workdir = tokenizer.workdir
+    tokenizer_config = workdir_lib.check_required(tokenizer)
+    self.tokenizer, _ = workdir_lib.load_best_model(tokenizer.workdir, config=tokenizer_config)
     self.scales = tuple(int(s) for s in self.tokenizer.scales)
     self.offsets = var_model.scale_offsets(self.scales)
     self.latent_dim = int(self.tokenizer.quantizer.dim)
     self.codebook_size = int(self.tokenizer.quantizer.codebook_size)
 
     # The images, and their tokens (cached).
-    self.data = DATASETS.get(name)(config.data)
+    self.data = load(config.data)
     self.num_classes = self.data.num_classes
     key = hashlib.sha256(json.dumps({
-        "format": TOKEN_CACHE_FORMAT, "tokenizer": checkpoint_sha256(self.tokenizer_workdir),
+        "format": TOKEN_CACHE_FORMAT,
+        "tokenizer": workdir_lib.checkpoint_sha256(self.tokenizer_workdir),
         "data": json.loads(config.data.to_json())}, sort_keys=True).encode()).hexdigest()[:20]
     self.token_cache_path = files.cache_dir("var_tokens") / f"{name}_{key}.npz"
     arrays = files.cached_arrays(self.token_cache_path, self._encode_splits)
@@ -318,8 +249,7 @@ class NextScaleTask:
   def best_model(self, workdir: pathlib.Path) -> nnx.Module:
     """The VAR of `workdir`'s best checkpoint (EMA parameters if the run kept an EMA)."""
     if self._best_model is None:
-      from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
-      self._best_model, _ = metrics.load_best_model(self.config, workdir, task=self)
+      self._best_model, _ = workdir_lib.load_best_model(workdir, config=self.config, task=self)
     return self._best_model
 
   def make_sampler(self, model: nnx.Module
@@ -384,7 +314,6 @@ class NextScaleTask:
     del predict  # sampling needs the KV-cached decode, not the teacher-forced forward
     if self.samples_per_class <= 0:
       return {}
-    from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
     model = self.best_model(pathlib.Path(workdir))
     sampler = self.make_sampler(model)
     labels = np.repeat(np.arange(self.num_classes), self.samples_per_class).astype(np.int32)
@@ -395,7 +324,7 @@ class NextScaleTask:
     self._samples = (samples, labels, token_maps)
     if sharding.is_primary_process():
       np.savez_compressed(pathlib.Path(workdir) / "samples.npz", images=samples, labels=labels)
-    classifier = metrics.reference_classifier(self.data.name)
+    classifier = metrics.reference_classifier(metrics.reference_run(self.config))
     real = self.data.test.arrays["inputs"]
     # The real images' Inception features are computed once and reused for the unguided FID.
     scores = metrics.sample_scores(samples, labels, real, classifier,

@@ -1,8 +1,8 @@
 """Tokenizer: learn to reconstruct images through a discrete bottleneck (VQ autoencoders such as
 VAR's multi-scale tokenizer, `paperzoo.models.var_tokenizer`).
 
-Data: the image classification data sets (`config.data.name` "mnist" or "cifar10", loaded by
-`paperzoo.data.classification`, the same splits); labels are ignored. Pixels uint8 -> x / 127.5 - 1
+Data: any data set registered with kind "image" (e.g. mnist, cifar10; the classification
+splits); labels are ignored. Pixels uint8 -> x / 127.5 - 1
 in [-1, 1].
 
 The model maps {"inputs": x} to a dict with at least "reconstruction" [B, H, W, C], "vq_loss"
@@ -52,9 +52,9 @@ import numpy as np
 from paperzoo import plots
 from paperzoo import sharding
 from paperzoo.data import batches
+from paperzoo.generation import metrics
 from paperzoo.registry import DATASETS, TASKS
 
-IMAGE_DATA_SETS = ("cifar10", "mnist")
 RECONSTRUCTION_LOSSES = ("l2", "l1")
 _MIN_MSE = 1e-10  # PSNR of a perfect reconstruction is capped at 10 log10(4 / 1e-10) ~ 106 dB
 
@@ -83,18 +83,16 @@ class TokenizerTask:
 
   selection_metric = "psnr"
   selection_mode = "max"
+  data_kinds = ("image",)
 
   def __init__(self, config: Any):
-    name = config.data.name
-    if name not in IMAGE_DATA_SETS:
-      raise ValueError(f"the tokenizer task trains on image data sets; got {name!r}, valid: "
-                       f"{', '.join(IMAGE_DATA_SETS)}")
+    load = DATASETS.get(config.data.name, kinds=self.data_kinds)
     self.reconstruction_loss = config.task.get("reconstruction_loss", "l2")
     if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
       raise ValueError(f"unknown task.reconstruction_loss {self.reconstruction_loss!r}; valid: "
                        f"{', '.join(RECONSTRUCTION_LOSSES)}")
     self.codebook_size = int(config.model.get("codebook_size", 0))
-    self.data = DATASETS.get(name)(config.data)
+    self.data = load(config.data)
     self.splits = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
 
   def model_kwargs(self) -> dict[str, Any]:
@@ -169,7 +167,6 @@ class TokenizerTask:
     """Test-split scores of the best checkpoint: PSNR of the uint8 reconstructions and the
     codebook usage over every test token (exact, unlike the window statistic)."""
     del workdir
-    from paperzoo.generation import metrics  # pylint: disable=g-import-not-at-top
     reconstructions, token_maps = self.reconstruct_split(predict, "test")
     scores = {"test_psnr_uint8": metrics.psnr(reconstructions,
                                               self.data.test.arrays["inputs"])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -36,22 +37,33 @@ def fast_jit():
   return _fast_jit
 
 
-def assert_close(actual, expected, *, atol, rtol=0.0, name=""):
-  """|actual - expected| <= atol * max|expected| + rtol |expected|.
+def assert_close(actual, expected, *, atol, rtol=0.0):
+  """Leaf by leaf, |actual - expected| <= atol max|expected| + rtol |expected|.
 
-  atol is relative to the array's largest magnitude, so gradients of very
-  different sizes share one stated tolerance.
+  actual and expected are pytrees of arrays (one array is a tree too) of the
+  same structure and shapes; actual must be finite. atol is relative to each
+  leaf's largest magnitude, so gradients of very different sizes share one
+  stated tolerance: both trees are divided by that magnitude and compared
+  with `chex.assert_trees_all_close`, whose message then gives the
+  differences in units of max|expected| and the path of the failing leaf.
   """
-  actual = np.asarray(actual, np.float32)
-  expected = np.asarray(expected, np.float32)
-  assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-  assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
-  # The floor keeps an all-but-zero reference (e.g. dq when each query sees a
-  # single key) from turning float32 rounding into a large relative error.
-  scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-2)
-  err = np.abs(actual - expected) - rtol * np.abs(expected)
-  worst = float(np.max(err, initial=0.0)) / scale
-  assert worst <= atol, f"{name}: max error {worst:.3g} (x max|ref|) > {atol}"
+  chex.assert_trees_all_equal_shapes(actual, expected)
+  chex.assert_tree_all_finite(actual)
+
+  def scale(x):
+    # The floor keeps an all-but-zero reference (e.g. dq when each query sees
+    # a single key) from turning float32 rounding into a large relative error.
+    return max(float(np.max(np.abs(np.asarray(x, np.float32)), initial=0.0)),
+               1e-2)
+
+  scales = jax.tree.map(scale, expected)
+
+  def scaled(tree):
+    return jax.tree.map(lambda x, s: np.asarray(x, np.float64) / s, tree,
+                        scales)
+
+  chex.assert_trees_all_close(scaled(actual), scaled(expected), atol=atol,
+                              rtol=rtol)
 
 
 @pytest.fixture

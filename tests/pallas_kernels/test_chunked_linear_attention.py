@@ -7,6 +7,7 @@ gradients 5e-2.
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,11 +87,10 @@ def _check(fast_jit, close, case, dtype, impl):
   ((_, out), grads), ((_, ref_out), ref_grads) = fast_jit(both)(
       q, k, v, log_decay)
   out_tol, grad_tol = TOL[dtype]
-  assert out.dtype == dtype and out.shape == v.shape
-  close(out, ref_out, atol=out_tol, name="out")
-  for name, grad, ref_grad in zip(("q", "k", "v", "log_decay"), grads,
-                                  ref_grads):
-    close(grad, ref_grad, atol=grad_tol, name=f"d{name}")
+  chex.assert_shape(out, v.shape)
+  chex.assert_type(out, dtype)
+  close(out, ref_out, atol=out_tol)
+  close(grads, ref_grads, atol=grad_tol)  # (dq, dk, dv[, dlog_decay])
 
 
 @pytest.mark.parametrize("impl", ["interpret", "chunked"])
@@ -132,9 +132,8 @@ def test_gpu_kernel_matches_reference(close, decay):
 
   ((_, out), grads), ((_, ref_out), ref_grads) = (
       value_and_grads("pallas"), value_and_grads("reference"))
-  close(out, ref_out, atol=1e-4, name="out")
-  for grad, ref_grad in zip(grads, ref_grads):
-    close(grad, ref_grad, atol=1e-3, name="grad")
+  close(out, ref_out, atol=1e-4)
+  close(grads, ref_grads, atol=1e-3)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -18,6 +18,7 @@ is checked through `jax.export(platforms=["tpu"])`; Mosaic's own compile
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,11 +132,10 @@ def _check(fast_jit, close, name, dtype):
   ((_, out), grads), ((_, ref_out), ref_grads) = fast_jit(both)(
       q, k, v, segment_ids)
   fwd_tol, grad_tol = TOL[dtype]
-  assert out.dtype == dtype and out.shape == q.shape
-  close(out, ref_out, atol=fwd_tol, name="out")
-  for grad_name, grad, ref_grad in zip("qkv", grads, ref_grads):
-    assert grad.dtype == dtype
-    close(grad, ref_grad, atol=grad_tol, name=f"d{grad_name}")
+  chex.assert_shape(out, q.shape)
+  chex.assert_type([out, *grads], dtype)
+  close(out, ref_out, atol=fwd_tol)
+  close(grads, ref_grads, atol=grad_tol)  # (dq, dk, dv)
   return q, k, segment_ids, out, grads
 
 

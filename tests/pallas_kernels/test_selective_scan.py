@@ -6,6 +6,7 @@ float32 outputs and last state 1e-5, gradients 1e-4; bfloat16 inputs
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,6 @@ from pallas_kernels.selective_scan import (ScanBlocks, _auto_impl, reference_sca
 
 SMALL = ScanBlocks(block_d=4, chunk=8)
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def make_inputs(batch, length, channels, state, groups, *, with_d, with_z,
@@ -128,16 +128,14 @@ def _check(fast_jit, close, case, dtype, impl="interpret"):
   ((_, (y, last)), grads), ((_, (ref_y, ref_last)), ref_grads) = fast_jit(
       both)(inputs)
   out_tol, grad_tol = TOL[dtype]
-  assert y.dtype == dtype and y.shape == inputs["u"].shape
-  assert last.shape == (shape[0], shape[2], shape[3])
-  close(y, ref_y, atol=out_tol, name="y")
-  close(last, ref_last, atol=out_tol, name="last_state")
-  for name in NAMES:
-    if inputs[name] is None:
-      assert grads[name] is None
-      continue
-    assert grads[name].dtype == inputs[name].dtype, name
-    close(grads[name], ref_grads[name], atol=grad_tol, name=f"d{name}")
+  chex.assert_shape([y, last],
+                    [inputs["u"].shape, (shape[0], shape[2], shape[3])])
+  chex.assert_type(y, dtype)
+  close(dict(y=y, last_state=last), dict(y=ref_y, last_state=ref_last),
+        atol=out_tol)
+  # A gradient for every given input (None for those left out), in its dtype.
+  chex.assert_trees_all_equal_dtypes(grads, inputs)
+  close(grads, ref_grads, atol=grad_tol)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -171,10 +169,9 @@ def test_gpu_kernel_matches_reference(close):
   results = [jax.jit(_value_and_grads(impl, True, ScanBlocks()))(inputs)
              for impl in ("pallas", "reference")]
   ((_, (y, last)), grads), ((_, (ref_y, ref_last)), ref_grads) = results
-  close(y, ref_y, atol=1e-4, name="y")
-  close(last, ref_last, atol=1e-4, name="last_state")
-  for name in NAMES:
-    close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name}")
+  close(dict(y=y, last_state=last), dict(y=ref_y, last_state=ref_last),
+        atol=1e-4)
+  close(grads, ref_grads, atol=1e-3)
 
 
 @pytest.mark.parametrize("change,message", [
