@@ -9,21 +9,25 @@ start without them. Here:
                             prerequisites' own needs first
   train_prerequisites(...)  trains each one that has not finished
   train(config, workdir)    that, then `config` itself: what `experiments.run` does
+  train_run(...)            `train` for a run of a grid or a prerequisite: a failure leaves
+                            `error.txt` (the command and the traceback) in its workdir
 
 Each prerequisite is trained under the lock and done-check of every run of the experiment
 layer (`run_ledger.run_lock`, `paperzoo.workdir.is_done`), the grids' too: of two processes
-that need the same run, one trains it, the other waits and then reads it. A failure leaves
-`error.txt` in that run's workdir, as a grid's failed run does.
+that need the same run, one trains it, the other waits and then reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import pathlib
 import re
 import traceback
 from typing import Any, Callable
+
+import jax
 
 import paperzoo
 from experiments import configs
@@ -108,7 +112,7 @@ def train_prerequisites(config: Any, *, train_fn: TrainFn | None = None,
   needed = prerequisites(config)
   for prerequisite in needed:
     workdir, role = prerequisite.workdir, prerequisite.required.role
-    with run_ledger.run_lock(workdir, wait=True):
+    with _prerequisite_lock(workdir):
       if workdir_lib.is_done(workdir):
         continue
       log(f"training the {role} first, in {workdir}: {prerequisite.command}")
@@ -124,6 +128,15 @@ def train_prerequisites(config: Any, *, train_fn: TrainFn | None = None,
             f"training the {role} in {workdir} stopped at step {results.get('step')} "
             f"({results.get('status')}); run again to resume it")
   return needed
+
+
+def _prerequisite_lock(workdir: pathlib.Path) -> contextlib.AbstractContextManager[bool]:
+  """The run's lock, waited for. The processes of one multi-process run (`--distributed`) train
+  a prerequisite together, every step a collective, so none of them may wait on another's lock:
+  they take none."""
+  if jax.process_count() > 1:
+    return contextlib.nullcontext(True)
+  return run_ledger.run_lock(workdir, wait=True)
 
 
 def cached_workdir(kind: str, config_name: str, arg: str) -> pathlib.Path:

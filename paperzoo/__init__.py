@@ -1,8 +1,10 @@
 """paperzoo: transformer-family papers as runnable, config-driven JAX/Flax experiments.
 
     import paperzoo
-    from experiments.configs import itransformer
-    results = paperzoo.train_and_evaluate(itransformer.get_config("runlocal"), "/tmp/run")
+    results = paperzoo.train_and_evaluate(config, "/tmp/run")
+
+where `config` is a ConfigDict, e.g. the one `experiments/configs/itransformer.py` builds. The
+library never imports the experiment layer: configs, grids and command lines live there.
 """
 
 from flax import nnx
