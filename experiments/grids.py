@@ -24,6 +24,7 @@ run class: `forecasting_grid.Run`, `classification_grid.ClassificationRun`,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -40,6 +41,8 @@ import numpy as np
 
 from experiments import prerequisites
 from experiments import run_ledger
+from paperzoo import config as config_lib
+from paperzoo import trainer
 from paperzoo import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,8 +121,8 @@ def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """The grid's root directory; never inside the repository (checkpoints do not belong there)."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
   if workdir == REPO_ROOT or REPO_ROOT in workdir.parents:
-    raise ValueError(f"--workdir={workdir} is inside the repository {REPO_ROOT}; put the runs "
-                     "elsewhere (each grid's default is under /tmp)")
+    raise config_lib.ConfigError(f"--workdir={workdir} is inside the repository {REPO_ROOT}; "
+                                 "put the runs elsewhere (each grid's default is under /tmp)")
   return workdir
 
 
@@ -241,10 +244,12 @@ class Grid:
     outcome: dict[str, list[Any]] = {k: [] for k in OUTCOMES}
     for index, run in enumerate(grid_runs, 1):
       name = f"[{index}/{len(grid_runs)}] {self.describe(run)}"
-      with run_ledger.run_lock(run.workdir, wait=False) as claimed:
-        if not claimed:
+      with contextlib.ExitStack() as held:
+        try:  # held while this process trains the run; another process passes over it
+          held.enter_context(workdir_lib.lock(run.workdir))
+        except workdir_lib.WorkdirBusyError as busy:
           outcome["busy"].append(run)
-          log(f"{name}: another process is training it, skipped ({run.workdir})")
+          log(f"{name}: skipped, {busy}")
           continue
         state = run_state(run)
         if state.status == "done":
@@ -268,6 +273,8 @@ class Grid:
           results = prerequisites.train_run(run.config(), run.workdir, run.command,
                                             train_fn=train_fn,
                                             log=lambda message: log(f"{name}: {message}"))
+        except trainer.DiskFullError:
+          raise  # every run after it would fail the same way
         except Exception:  # pylint: disable=broad-except  (in error.txt; the grid goes on)
           outcome["failed"].append(run)
           log(f"{name}: FAILED, see {run.workdir / 'error.txt'}")

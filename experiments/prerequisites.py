@@ -12,9 +12,9 @@ start without them. Here:
   train_run(...)            `train` for a run of a grid or a prerequisite: a failure leaves
                             `error.txt` (the command and the traceback) in its workdir
 
-Each prerequisite is trained under the lock and done-check of every run of the experiment
-layer (`run_ledger.run_lock`, `paperzoo.workdir.is_done`), the grids' too: of two processes
-that need the same run, one trains it, the other waits and then reads it.
+Each prerequisite is trained under the lock and done-check of every run
+(`paperzoo.workdir.lock`, `paperzoo.workdir.is_done`), the grids' and the trainer's too: of two
+processes that need the same run, one trains it, the other waits and then reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import jax
 
 import paperzoo
 from experiments import configs
-from experiments import run_ledger
 from paperzoo import workdir as workdir_lib
 from paperzoo.data import files
 from paperzoo.registry import TASKS
@@ -97,7 +96,10 @@ def train_run(config: Any, workdir: pathlib.Path, command: str, *,
   try:
     results = train(config, workdir, train_fn=train_fn, log=log)
   except Exception:
-    (workdir / "error.txt").write_text(f"{command}\n\n{traceback.format_exc()}")
+    try:
+      (workdir / "error.txt").write_text(f"{command}\n\n{traceback.format_exc()}")
+    except OSError:  # (a full disk): the error itself says more
+      pass
     raise
   if results.get("status") == "done":
     (workdir / "error.txt").unlink(missing_ok=True)
@@ -130,13 +132,14 @@ def train_prerequisites(config: Any, *, train_fn: TrainFn | None = None,
   return needed
 
 
-def _prerequisite_lock(workdir: pathlib.Path) -> contextlib.AbstractContextManager[bool]:
+def _prerequisite_lock(workdir: pathlib.Path) -> contextlib.AbstractContextManager[None]:
   """The run's lock, waited for. The processes of one multi-process run (`--distributed`) train
   a prerequisite together, every step a collective, so none of them may wait on another's lock:
-  they take none."""
+  they take none here (the trainer's own lock, held by the first process, keeps other runs
+  out)."""
   if jax.process_count() > 1:
-    return contextlib.nullcontext(True)
-  return run_ledger.run_lock(workdir, wait=True)
+    return contextlib.nullcontext()
+  return workdir_lib.lock(workdir, wait=True)
 
 
 def cached_workdir(kind: str, config_name: str, arg: str) -> pathlib.Path:

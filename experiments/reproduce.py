@@ -64,20 +64,24 @@ The logic lives in `experiments/forecasting_grid.py`, `experiments/classificatio
 its `runs`, `collect` and `write_report`), which a notebook calls directly; what they share
 (run states, the training loop, report pieces) is in `experiments/grids.py`.
 
-Exit status: 0 when every chosen run finished or was skipped; 1 when a run failed or was
-preempted (run the same command again to retry or resume).
+Exit status (`experiments.cli`): 0 when every chosen run finished or was skipped; 75 when a
+run was preempted (SIGTERM: saved; the same command resumes it later); 1 when a run failed (its
+error.txt says why; the same command retries it); 2 for a wrong flag.
 """
 
 from __future__ import annotations
 
-from absl import app
+import sys
+
 from absl import flags
 from absl import logging
 
 from experiments import classification_grid
+from experiments import cli
 from experiments import forecasting_grid
 from experiments import generation_grid
 from experiments import grids
+from paperzoo import config as config_lib
 
 _MODELS = flags.DEFINE_list(
     "models", None, "Models (config names in experiments/configs); default: every forecasting "
@@ -118,8 +122,9 @@ def selection(name: str):
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in GRIDS:
-    raise app.UsageError(f"usage: python -m experiments.reproduce {{{','.join(GRIDS)}}} "
-                         f"[--flags]; got {argv[1:]}")
+    raise config_lib.ConfigError(
+        f"usage: python -m experiments.reproduce {{{','.join(GRIDS)}}} [--flags]; got "
+        f"{' '.join(argv[1:]) or 'no subcommand'}")
   logging.set_verbosity(logging.WARNING)
   grid = GRIDS[argv[1]]
   seeds = [int(s) for s in _SEED_LIST.value] if _SEED_LIST.value else _SEEDS.value
@@ -134,9 +139,11 @@ def main(argv: list[str]) -> None:
   outcome = grid.train(selection(grid.name), seeds=seeds, workdir=workdir, fast=_FAST.value,
                        report=report, rerun_stale=_RERUN_STALE.value)
   print("; ".join(f"{k}: {len(v)}" for k, v in outcome.items()) + f". Report: {report}")
-  if outcome["failed"] or outcome["preempted"]:
-    raise SystemExit(1)
+  if outcome["preempted"]:
+    sys.exit(cli.PREEMPTED)
+  if outcome["failed"]:
+    sys.exit(cli.ERROR)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,9 +9,10 @@ run's key (its workdir below the grid's root, e.g. `protocol/mnist/swin/seed2021
 
 - `results`: the run's `results.json` as the trainer wrote it;
 - `config_digest`: a digest of the config it was trained with (keys that change nothing are
-  left out, see `IGNORED_CONFIG_KEYS`), so a run whose config changed since still reads as stale;
-  a change to a model's code that changes its numbers raises the config's `model.revision`
-  (0 where absent), which makes the runs recorded before it stale the same way;
+  left out, see `paperzoo.config.NON_COMPUTING_KEYS`), so a run whose config changed since
+  still reads as stale; a change to a model's code that changes its numbers raises the
+  config's `model.revision` (0 where absent), which makes the runs recorded before it stale
+  the same way;
 - `finished` (unix time of `results.json`), `commit` (paperzoo's commit when it was recorded)
   and `command` (the `experiments.run` command that trains it alone);
 - `recovered` (only some records): where the record was rebuilt from when its workdir was lost
@@ -37,19 +38,12 @@ from paperzoo import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Config keys that do not change what a run computes (or only its float rounding); also left
-# out: `paperzoo.config.PREREQUISITE_KEYS`, with the keys added since older runs.
-IGNORED_CONFIG_KEYS = ("train.progress_bar", "train.plots", "train.log_every_steps",
-                       "train.eval_batch_size", "data.root", "mesh", "sharding_rules")
-
-
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
   """The flattened config without the keys that change nothing (ignored, saying how to train a
   run it reads, or added since at the default that does what older runs did:
   `paperzoo.config.comparable`)."""
-  ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
   flat = config_lib.comparable(config_lib.flatten(config))
-  return {k: v for k, v in flat.items() if not ignored(k)}
+  return {k: v for k, v in flat.items() if not config_lib.changes_nothing(k)}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -92,15 +86,6 @@ def file_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
       yield True
     finally:
       fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def run_lock(workdir: str | os.PathLike, *, wait: bool) -> contextlib.AbstractContextManager[bool]:
-  """Held while a process trains the run in `workdir` (`.<name>.lock` beside it, so it outlives
-  a workdir moved aside). With `wait=False` it yields False when another process holds it (a
-  grid then passes on to its next run); with `wait=True` it waits (a run that needs the one
-  being trained reads it once it has finished)."""
-  workdir = pathlib.Path(workdir)
-  return file_lock(workdir.parent / f".{workdir.name}.lock", wait=wait)
 
 
 def report_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[bool]:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -121,6 +122,21 @@ def is_primary_process() -> bool:
   only process, or the first of a multi-process run. Every process still computes, since a
   computation on the mesh needs all of them."""
   return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of a multi-process run has got here (a no-op for one process):
+  for file operations one process makes that the others then rely on."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def primary_value(value: bool) -> bool:
+  """The first process's `value`, on every process of a multi-process run (a decision only the
+  first one can make, such as whether it got the workdir's lock)."""
+  if jax.process_count() == 1:
+    return value
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -17,6 +17,7 @@ The train state and the step function are `paperzoo.train_state.TrainStep`'s.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import pathlib
@@ -41,40 +42,76 @@ from paperzoo import train_state
 from paperzoo import workdir as workdir_lib
 from paperzoo.data import batches
 from paperzoo.data import files
-from paperzoo.registry import DATASETS, MODELS, TASKS
+from paperzoo.registry import DATASETS, MODELS, TASKS, UnknownNameError
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+class DiskFullError(OSError):
+  """The disk filled up while the run wrote its files; what was saved before is intact."""
+
+
+class ChangedConfigError(checkpoint_lib.CheckpointMismatchError):
+  """A resumed run's optimizer or training settings differ from the ones it was trained with."""
+
+
+# The config history of a workdir: one JSON line per config the run trained under, with the step
+# it started at (the first at step 0; another each time a resume changed its settings).
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.
 
   Returns the content of `<workdir>/results.json`: final validation and test metrics of the
   best checkpoint, the best step, and run information. If SIGTERM arrives, the state is saved
   and `{"status": "preempted", "step": ...}` is returned instead; running again resumes.
+
+  The config is checked before any compute (`paperzoo.config.validate`; a problem found before
+  the first step raises `config.ConfigError`); the workdir is held for the whole run
+  (`workdir.lock`: another process gets WorkdirBusyError). Resuming with other optimizer or
+  training settings than the run's raises ChangedConfigError unless `allow_config_change`;
+  the workdir then keeps every config it ran under (`config_history.jsonl`). A full disk raises
+  DiskFullError; the checkpoints saved before it are intact.
   """
-  with contextlib.ExitStack() as closing:  # checkpoint managers and writers, even on errors
-    return _train_and_evaluate(config, pathlib.Path(workdir), closing)
+  workdir = pathlib.Path(workdir)
+  stage = {"training": False}  # set when the first step starts
+  try:
+    with contextlib.ExitStack() as closing:  # checkpoint managers and writers, even on errors
+      return _train_and_evaluate(config, workdir, closing, stage,
+                                 allow_config_change=allow_config_change)
+  except Exception as error:
+    if _disk_full(error):
+      raise DiskFullError(errno.ENOSPC, f"no space left on device while the run in {workdir} "
+                          "wrote its files; the checkpoints saved before are intact; free "
+                          "some space and run again to resume") from error
+    if (isinstance(error, ValueError) and not stage["training"]
+        and not isinstance(error, (config_lib.ConfigError, UnknownNameError,
+                                   checkpoint_lib.CheckpointMismatchError))):
+      # A setting the task, data or model refused while the run was being set up.
+      raise config_lib.ConfigError(" ".join(str(error).split())) from error
+    raise
 
 
-def _train_and_evaluate(config: Any, workdir: pathlib.Path,
-                        closing: contextlib.ExitStack) -> dict[str, Any]:
+def _train_and_evaluate(config: Any, workdir: pathlib.Path, closing: contextlib.ExitStack,
+                        stage: dict[str, bool], *, allow_config_change: bool
+                        ) -> dict[str, Any]:
   # ------------------------------------------------------------------------------------------
-  # 1. Resolve names and the runs this one reads: fail before any compute.
+  # 1. Check the config, resolve names and the runs this one reads, hold the workdir: all
+  #    before any compute.
   # ------------------------------------------------------------------------------------------
+  config_lib.validate(config)
   task_cls = TASKS.get(config.task.name)
   model_cls = MODELS.get(config.model.name)
   DATASETS.get(config.data.name, kinds=task_cls.data_kinds)
   for required in getattr(task_cls, "required_runs", lambda _: [])(config):
     workdir_lib.check_required(required)  # e.g. VAR's tokenizer: MissingRunError names it
-  _check_workdir_config(config, workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   primary = sharding.is_primary_process()  # the one process of several that writes files
-  if primary:  # (atomically: another process may be reading it in _check_workdir_config)
-    files.atomic_write(workdir / "config.json",
-                       lambda tmp: tmp.write_text(config.to_json_best_effort(indent=2)))
+  _hold_workdir(workdir, closing)
+  saved_config, changed = _check_workdir_config(config, workdir, allow_config_change)
 
   # ------------------------------------------------------------------------------------------
   # 2. Data.
@@ -87,10 +124,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     raise ValueError(f"train.batch_size={batch_size} is larger than the training set "
                      f"({len(train_set)} examples)")
   total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * steps_per_epoch
-  tie_break = config.train.selection_tie_break
-  if tie_break not in ("", "later", "loss"):
-    raise ValueError(f"train.selection_tie_break={tie_break!r}; valid: '' (ties keep the "
-                     "earlier checkpoint), 'later' (ties keep the later one) or 'loss'")
+  tie_break = config.train.selection_tie_break  # (one of config.SELECTION_TIE_BREAKS)
   eval_every = int(config.train.eval_every_steps) or steps_per_epoch
   data_order = DataOrder(config.seed, len(train_set), batch_size, steps_per_epoch)
 
@@ -110,7 +144,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # 4. Train state: abstract first (no memory), shardings from the logical names, then real.
   # ------------------------------------------------------------------------------------------
   step_def = train_state.TrainStep(config, task, model_cls, total_steps=total_steps,
-                       steps_per_epoch=steps_per_epoch)
+                                   steps_per_epoch=steps_per_epoch)
 
   # Variables are created without eager sharding: their logical names are resolved by the rules
   # below, not read as mesh axes.
@@ -120,20 +154,27 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     state_shardings = train_state.unbox_variables(
         sharding.state_shardings(boxed_abstract_state, mesh, rules))
     abstract_state = train_state.unbox_variables(boxed_abstract_state)
-    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                                             warn=_report)
     closing.callback(checkpoints.close)
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None:
-      state, record = checkpoints.restore(
-          train_state.with_shardings(abstract_state, state_shardings))
+    # The newest checkpoint that passes its check; those that fail are set aside, with a line.
+    restored = checkpoints.restore_latest(
+        train_state.with_shardings(abstract_state, state_shardings))
+    if restored is not None:
+      state, record, resume_step = restored
+      checkpoints.discard_best(after=resume_step)  # (a future this run trains again)
       _report(f"resumed from {workdir}/checkpoints/{resume_step}")
     else:
+      resume_step = None
       checkpoints.discard_best()  # (left by a run whose latest checkpoints were removed)
       state = jax.jit(step_def.init_state, out_shardings=state_shardings)()
       record = {"best_metric": None, "best_step": None, "evals_without_improvement": 0,
                 "training_done": False,
                 "seconds": {"compile": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}}
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+  if primary:  # what the run trains under, once its data, model and checkpoints are known
+    _record_config(config, workdir, resume_step, saved_config, changed)
 
   # ------------------------------------------------------------------------------------------
   # 5. Steps.
@@ -171,10 +212,13 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
     host = jax.device_get([m for _, m in pending])
     for (step, _), metrics in zip(pending, host):
       if not math.isfinite(float(metrics["loss"])):
+        good = checkpoints.newest_good_step()
+        kept = (f"the newest checkpoint that passes its check, step {good}, is kept in "
+                f"{workdir}/checkpoints" if good is not None else
+                "no checkpoint had been saved before it")
         raise NonFiniteLossError(
             f"the training loss is {float(metrics['loss'])} at step {step + 1}; the run "
-            f"stopped and the last good checkpoint (step {checkpoints.latest_step()}) is kept "
-            f"in {workdir}/checkpoints")
+            f"stopped, and {kept}")
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     writer.write(pending[-1][0] + 1, "train", mean)
     pending.clear()
@@ -206,6 +250,7 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
 
   bar = metric_writers.progress_bar(total=total_steps, initial=start_step,
                                     enabled=config.train.progress_bar and primary)
+  stage["training"] = True
   try:
     with (contextlib.nullcontext() if multi_process
           else _signal_handler(signal.SIGTERM, on_sigterm)):
@@ -266,8 +311,8 @@ def _train_and_evaluate(config: Any, workdir: pathlib.Path,
   # ------------------------------------------------------------------------------------------
   # 7. Final test with the best checkpoint.
   # ------------------------------------------------------------------------------------------
-  best_state, best_record = checkpoints.restore(
-      train_state.with_shardings(abstract_state, state_shardings), best=True)
+  best_state, best_record = checkpoints.restore_best(
+      train_state.with_shardings(abstract_state, state_shardings))
   results = {
       "status": "done",
       # The best checkpoint's validation metrics were computed when it was saved.
@@ -397,15 +442,32 @@ class Stopwatch:
 _STATE_DEFINING_KEYS = ("task", "data", "model", "seed", "train.batch_size")
 
 
-def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
+def _hold_workdir(workdir: pathlib.Path, closing: contextlib.ExitStack) -> None:
+  """Takes the workdir's lock for the run (the first process of several takes it for all of
+  them); raises WorkdirBusyError, on every process, while another run holds it."""
+  error = None
+  if sharding.is_primary_process():
+    try:
+      closing.enter_context(workdir_lib.lock(workdir, on_takeover=_report))
+    except workdir_lib.WorkdirBusyError as busy:
+      error = busy
+  if not sharding.primary_value(error is None):
+    raise error or workdir_lib.WorkdirBusyError(
+        f"{workdir} is in use by another run (its first process could not take the lock)")
+
+
+def _check_workdir_config(config: Any, workdir: pathlib.Path, allow_change: bool
+                          ) -> tuple[dict[str, Any] | None, list[str]]:
+  """The config saved in a workdir with checkpoints (None without), and the keys this config
+  changes that matter. A change to what the checkpoints mean (_STATE_DEFINING_KEYS) is always
+  refused; one to the optimizer or the training settings unless `allow_change`."""
   saved_path = workdir / "config.json"
   if not saved_path.exists() or not (workdir / "checkpoints").exists():
-    return
+    return None, []
+  saved_dict = json.loads(saved_path.read_text())
   # Keys added to the schema since the run was saved count as equal at their "off" default.
-  saved = config_lib.comparable(
-      config_lib.flatten(json.loads(saved_path.read_text())))
-  current = config_lib.comparable(
-      config_lib.flatten(json.loads(config.to_json_best_effort())))
+  saved = config_lib.comparable(config_lib.flatten(saved_dict))
+  current = config_lib.comparable(config_lib.flatten(json.loads(config.to_json_best_effort())))
 
   def get(flat: dict[str, Any], key: str) -> Any:  # the value, or the section as a dict
     if key in flat:
@@ -418,6 +480,53 @@ def _check_workdir_config(config: Any, workdir: pathlib.Path) -> None:
           f"{workdir} holds checkpoints of a run whose config.{key} differs from this one "
           f"(saved: {get(saved, key)}, now: {get(current, key)}). Resume with the same "
           f"config or use a new --workdir.")
+  changed = sorted(key for key in set(saved) | set(current)
+                   if saved.get(key) != current.get(key) and not config_lib.changes_nothing(key))
+  if changed and not allow_change:
+    shown = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+                      for key in changed[:4]) + (" ..." if len(changed) > 4 else "")
+    raise ChangedConfigError(
+        f"{workdir} holds a run trained with other settings ({shown}); resume with the same "
+        "config, use a new --workdir, or allow the change (--allow_config_change; "
+        f"{CONFIG_HISTORY_FILE} then keeps both)")
+  return saved_dict, changed
+
+
+def _record_config(config: Any, workdir: pathlib.Path, resume_step: int | None,
+                   saved: dict[str, Any] | None, changed: list[str]) -> None:
+  """Writes `config.json` (the config the run trains under now) and, for a fresh start or a
+  resume that changed settings, a line of the config history."""
+  history = workdir / CONFIG_HISTORY_FILE
+  config_dict = json.loads(config.to_json_best_effort())
+  lines = []
+  if resume_step is None:
+    history.unlink(missing_ok=True)
+    lines.append({"step": 0, "config": config_dict})
+  elif changed:
+    if not history.exists() and saved is not None:  # (a run saved before the history existed)
+      lines.append({"step": 0, "config": saved})
+    lines.append({"step": resume_step, "changed": changed, "config": config_dict})
+    _report(f"resuming at step {resume_step} with changed settings: {', '.join(changed)} "
+            f"(recorded in {history})")
+  if lines:
+    with open(history, "a") as stream:
+      stream.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+  # Atomically: another process may be reading it in _check_workdir_config.
+  files.atomic_write(workdir / "config.json",
+                     lambda tmp: tmp.write_text(config.to_json_best_effort(indent=2)))
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it came from, is "no space left on device" (orbax and
+  tensorstore wrap it in their own exceptions)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        "No space left on device" in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 @contextlib.contextmanager

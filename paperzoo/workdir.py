@@ -14,15 +14,27 @@ it. `python -m experiments.run` trains the missing ones first (`experiments.prer
 
 A workdir holds `config.json` (written when the run starts), checkpoints, and `results.json`
 (written once, when the run has finished, with `"status": "done"`).
+
+One process writes a workdir at a time: `lock(workdir)` (an exclusive `flock` on
+`.<name>.lock` beside it, naming its holder) is held by `paperzoo.train_and_evaluate` for the
+whole run, and by the experiment layer around it. The kernel releases it when its process dies,
+so the lock of a killed run is simply taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import json
+import os
 import pathlib
-from typing import Any
+import socket
+import sys
+import threading
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -39,6 +51,10 @@ RESULTS_FILE = "results.json"
 
 class MissingRunError(FileNotFoundError):
   """A run that a task reads is missing or has not finished."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another process holds the workdir's lock: it is training (or resuming) the run there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +137,7 @@ def load_best_model(workdir: str | pathlib.Path, *, config: Any = None, task: An
                           abstract)
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=1)
   try:
-    state, _ = checkpoints.restore(abstract, best=True)
+    state, _ = checkpoints.restore_best(abstract)
   finally:
     checkpoints.close()
   return step_def.merge(state[step_def.eval_params_key], state["extra"]), task
@@ -139,3 +155,101 @@ def checkpoint_sha256(workdir: str | pathlib.Path) -> str:
     digest.update(str(path.relative_to(best)).encode())
     digest.update(files.file_sha256(path).encode())
   return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per workdir.
+# --------------------------------------------------------------------------------------------
+_HELD: dict[tuple[str, int], list[Any]] = {}  # (lock file, thread) -> [open file, depth]
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(workdir: str | pathlib.Path) -> pathlib.Path:
+  """`<parent>/.<name>.lock`: beside the workdir, so it outlives the workdir being moved aside
+  and never adds a file to a run's own folder."""
+  workdir = pathlib.Path(workdir).absolute()
+  return workdir.parent / f".{workdir.name}.lock"
+
+
+def _holder(handle: Any) -> dict[str, Any]:
+  handle.seek(0)
+  try:
+    return json.loads(handle.read() or "{}")
+  except ValueError:
+    return {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+  """"pid 123 on host h since 2026-12-06 10:00:00 (python -m experiments.run ...)"."""
+  if not holder:
+    return "a process that did not say who it is"
+  return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since "
+          f"{holder.get('since', '?')} ({holder.get('command', '?')})")
+
+
+def _running_here(holder: dict[str, Any]) -> bool:
+  if holder.get("host") != socket.gethostname():
+    return True  # another host's process: not ours to judge
+  try:
+    os.kill(int(holder.get("pid", -1)), 0)
+  except (OSError, ValueError):
+    return False
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str | pathlib.Path, *, wait: bool = False,
+         on_takeover: Any = None) -> Iterator[None]:
+  """Holds `workdir`'s lock for the block: the one process that may write there.
+
+  Another process holding it raises WorkdirBusyError naming it (host, pid, since when, its
+  command), or with `wait=True` blocks until it is released. Re-entrant within a thread, so the
+  experiment layer can hold it around `train_and_evaluate`, which takes it too. A lock file left
+  by a process that died is free (the kernel released it); `on_takeover(message)` is told whose
+  it was.
+  """
+  path = lock_path(workdir)
+  key = (str(path), threading.get_ident())
+  with _HELD_GUARD:
+    held = _HELD.get(key)
+    if held is not None:
+      held[1] += 1
+  if held is not None:
+    try:
+      yield
+    finally:
+      with _HELD_GUARD:
+        held[1] -= 1
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handle = open(path, "a+")  # pylint: disable=consider-using-with  (closed below)
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      raise WorkdirBusyError(
+          f"{pathlib.Path(workdir)} is in use by {describe_holder(_holder(handle))}; wait "
+          "for it to finish or use another --workdir") from None
+    previous = _holder(handle)
+    if previous and on_takeover is not None and not _running_here(previous):
+      on_takeover(f"took over the lock of {pathlib.Path(workdir)} from "
+                  f"{describe_holder(previous)}, which is no longer running")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "since": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:])[:300]}))
+    handle.flush()
+    with _HELD_GUARD:
+      _HELD[key] = [handle, 1]
+    try:
+      yield
+    finally:
+      with _HELD_GUARD:
+        del _HELD[key]
+      handle.seek(0)
+      handle.truncate()  # a released lock names no holder
+      handle.flush()
+  finally:
+    handle.close()  # (releases the flock)

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import paperzoo
 from experiments import configs
 from experiments import forecasting_grid as grid
 from experiments import grids
-from experiments import run_ledger
+from paperzoo import workdir as workdir_lib
 from paperzoo.registry import MODELS, TASKS
 from tests.conftest import REPO_ROOT
 
@@ -198,9 +199,21 @@ def test_processes_given_the_same_grid_share_its_runs(tmp_path):
 
   cells = grid.Cells(["dlinear"], ["etth1"], [96])
   kwargs = dict(seeds=2, workdir=tmp_path, fast=True, train_fn=train, log=lambda _: None)
-  with run_ledger.run_lock(runs[0].workdir, wait=False) as claimed:
-    assert claimed
+  held, release = threading.Event(), threading.Event()
+
+  def other_process():  # (a thread takes the lock as another process would)
+    with workdir_lib.lock(runs[0].workdir):
+      held.set()
+      release.wait(timeout=60)
+
+  holder = threading.Thread(target=other_process)
+  holder.start()
+  assert held.wait(timeout=60)
+  try:
     outcome = grid.GRID.train(cells, **kwargs)
+  finally:
+    release.set()
+    holder.join()
   assert trained == [2022]
   assert [r.key for r in outcome["busy"]] == [runs[0].key]
   assert grids.run_state(runs[0]).status == "not run"

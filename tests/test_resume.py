@@ -11,6 +11,7 @@ import sys
 import time
 
 import paperzoo
+from experiments import cli
 from experiments.configs import quickstart
 from paperzoo import metric_writers
 from tests.conftest import REPO_ROOT
@@ -72,9 +73,11 @@ def test_kill_and_sigterm_resume_to_the_uninterrupted_result(tmp_path):
   wait_for_checkpoint_after(workdir, killed_at, process)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, stderr[-3000:]
   if '"status": "preempted"' in stdout:  # (else it finished before the signal arrived)
+    assert process.returncode == cli.PREEMPTED, stderr[-3000:]  # "resume later", not done
     assert "resumed from" in stdout and saved_steps(workdir)[-1] < NUM_STEPS
+  else:
+    assert process.returncode == 0, stderr[-3000:]
 
   # 3. Resume to the end.
   process = start_cli(workdir)

@@ -12,6 +12,7 @@ import pytest
 
 import paperzoo
 from paperzoo import checkpoint as checkpoint_lib
+from paperzoo import config as config_lib
 from paperzoo import metric_writers
 from paperzoo import sharding
 from paperzoo import trainer
@@ -192,7 +193,8 @@ def test_results_name_the_split_that_selected_the_checkpoint(tmp_path, legacy):
 
 def test_an_unknown_selection_tie_break_is_refused(tmp_path):
   config = tiny_dlinear(selection_tie_break="accuracy")
-  with pytest.raises(ValueError, match="selection_tie_break='accuracy'; valid"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="train.selection_tie_break='accuracy': must be one of '', 'later'"):
     paperzoo.train_and_evaluate(config, tmp_path)
 
 
@@ -201,11 +203,19 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   config.optimizer.learning_rate = 1e30
   config.optimizer.schedule = "constant"
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+)") as error:
-    paperzoo.train_and_evaluate(config, tmp_path)
+    paperzoo.train_and_evaluate(config, tmp_path / "run")
   bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
-  checkpoints = checkpoint_lib.Checkpoints(tmp_path, keep=2)
+  checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=2)
   assert checkpoints.latest_step() == bad_step - 1
   checkpoints.close()
+  assert (f"the newest checkpoint that passes its check, step {bad_step - 1}, is kept"
+          in str(error.value))
+  # Before any checkpoint: the message says so (not "step None").
+  config.train.checkpoint_every_steps = 0
+  config.train.log_every_steps = 1
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match="no checkpoint had been saved before it"):
+    paperzoo.train_and_evaluate(config, tmp_path / "early")
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path):
@@ -242,14 +252,15 @@ def test_a_checkpoint_is_checked_leaf_by_leaf_before_it_is_read(tmp_path):
   def restore(state):
     checkpoints = checkpoint_lib.Checkpoints(tmp_path, keep=1)  # fresh, as on a resume
     try:
-      return checkpoints.restore(jax.tree.map(
+      return checkpoints.restore_latest(jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                          sharding=jax.sharding.SingleDeviceSharding(
                                              jax.devices()[0])), state))
     finally:
       checkpoints.close()
 
-  restored, record = restore(state)
+  restored, record, step = restore(state)
+  assert step == 2
   np.testing.assert_array_equal(restored["opt_state"][0].mu["w"], 0)
   assert record == {"best": 1.0}
   for other, named in (
