@@ -75,9 +75,12 @@ class Checkpoints:
     manager = self.best if best else self.latest
     if manager.latest_step() == step:
       return
+    # The previous save must end first anyway; its checkpoint then gets its digest, before this
+    # save's background thread may delete it (max_to_keep), never while.
+    manager.wait_until_finished()
+    self._write_digests(manager)
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
-    self._write_digests()  # of the checkpoints completed before this one (save waited for them)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -179,27 +182,23 @@ class Checkpoints:
     sharding.sync_processes(f"set_aside_{pathlib.Path(manager.directory).name}_{step}")
     manager.reload()
 
-  def _write_digests(self) -> None:
-    """Writes the digest of every complete checkpoint that has none (the first process only;
-    every process's files are there once orbax has finished a step)."""
+  def _write_digests(self, manager: ocp.CheckpointManager) -> None:
+    """Writes the digest of every complete checkpoint of `manager` that has none, while it saves
+    nothing (the first process only; every process's files are there once orbax has finished a
+    step)."""
     if not sharding.is_primary_process():
       return
-    for manager in (self.latest, self.best):
-      for step in _steps_on_disk(manager):
-        directory = self._step_dir(manager, step)
-        if (directory / DIGEST_FILE).exists():
-          continue
-        try:
-          digest = _file_digests(directory)
-        except FileNotFoundError:  # deleted by orbax (max_to_keep) meanwhile
-          continue
+    for step in _steps_on_disk(manager):
+      directory = self._step_dir(manager, step)
+      if not (directory / DIGEST_FILE).exists():
+        digest = _file_digests(directory)
         files.atomic_write(directory / DIGEST_FILE,
-                           lambda tmp: tmp.write_text(json.dumps(digest, indent=0)))
+                           lambda tmp, digest=digest: tmp.write_text(json.dumps(digest, indent=0)))
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
-    self._write_digests()
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
+      self._write_digests(manager)
 
   def close(self) -> None:
     self.latest.close()
