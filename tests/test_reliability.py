@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,7 +178,6 @@ def _flip_one_bit(step_dir):
 
 
 def _delete_state(step_dir):
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(step_dir / "state")
 
 
@@ -186,18 +186,26 @@ def _damage_record(step_dir):
   path.write_text(path.read_text()[:-5])
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garble, _flip_one_bit, _delete_state,
-                                    _damage_record], ids=lambda f: f.__name__.strip("_"))
-def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
-    damage, reference, tmp_path, monkeypatch, capsys):
-  workdir = tmp_path / "run"
-  with monkeypatch.context() as patched:
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+  """A run that crashed at step 6, after its checkpoints of steps 4 and 5."""
+  workdir = tmp_path_factory.mktemp("crashed") / "run"
+  with pytest.MonkeyPatch.context() as patched:
     patched.setattr(metric_writers.MetricWriter, "write", _crash_at(6))
     with pytest.raises(RuntimeError, match="crash at step 6"):
       paperzoo.train_and_evaluate(tiny(), workdir)
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [4, 5]
   assert (workdir / "checkpoints" / "5" / checkpoint_lib.DIGEST_FILE).exists()
+  return workdir
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble, _flip_one_bit, _delete_state,
+                                    _damage_record], ids=lambda f: f.__name__.strip("_"))
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    damage, reference, crashed, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(crashed, workdir)
   damage(workdir / "checkpoints" / "5")
   capsys.readouterr()
 
@@ -227,8 +235,6 @@ def test_a_checkpoint_digest_is_written_once_complete_and_survives_later_saves(t
 
 @pytest.mark.parametrize("override, says", [
     ("--config.optimizer.learning_rate=-0.001", "optimizer.learning_rate=-0.001: must be > 0"),
-    ("--config.train.batch_size=0", "train.batch_size=0"),
-    ("--config.train.num_epochs=-1", "train.num_epochs=-1"),
     ("--config.model.no_such_key=1", "unknown key model.no_such_key; keys of config.model:"),
 ])
 def test_a_bad_config_is_one_line_and_an_exit_code_and_writes_nothing(override, says,
@@ -239,6 +245,21 @@ def test_a_bad_config_is_one_line_and_an_exit_code_and_writes_nothing(override, 
   (line,) = err.strip().splitlines()
   assert line.startswith("error: ") and says in line
   assert list(tmp_path.iterdir()) == []  # no workdir, no lock file
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("train.batch_size", 0, "train.batch_size=0"),
+    ("train.num_epochs", -1, "train.num_epochs=-1"),
+    ("model.moving_avg", 0, "model.moving_avg=0"),
+])
+def test_a_bad_value_is_refused_before_any_compute(key, value, says, tmp_path):
+  config = tiny()
+  config.update_from_flattened_dict({key: value})
+  with pytest.raises(config_lib.ConfigError) as error:
+    paperzoo.train_and_evaluate(config, tmp_path / "run")
+  assert says in str(error.value) and len(str(error.value).splitlines()) == 1
+  assert cli.exit_code(error.value) == cli.CONFIG
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_verbose_shows_the_traceback(tmp_path):
