@@ -99,11 +99,8 @@ def _missing_override(argv: list[str]) -> str | None:
   for arg in argv:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
-      node = config
-      for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node:
-          return config_lib.unknown_key_message(config, key)
-        node = node[part]
+      if not config_lib.lookup(config, key)[0]:
+        return config_lib.unknown_key_message(config, key)
   return None
 
 

@@ -569,16 +569,24 @@ def _csv_number(value: float | None) -> str:
   return f"{value:.6g}"
 
 
+def _cell_runs(cells: Cells, **kwargs: Any) -> list[Run]:
+  cells = cells.resolved()  # (once: the default models come from loading every config)
+  return runs(cells.models, cells.datasets, horizons=cells.horizons, **kwargs)
+
+
+def _cell_rows(cells: Cells, **kwargs: Any) -> list[Row]:
+  cells = cells.resolved()
+  return collect(cells.models, cells.datasets, **kwargs)
+
+
+def _cell_command(cells: Cells, **kwargs: Any) -> str:
+  cells = cells.resolved()
+  return reproduce_command(cells.models, cells.datasets, horizons=cells.horizons, **kwargs)
+
+
 GRID = grids.Grid(
     name="forecasting", default_workdir=DEFAULT_WORKDIR, default_report=DEFAULT_REPORT,
-    runs=lambda cells, **kwargs: runs(cells.resolved().models, cells.resolved().datasets,
-                                      horizons=cells.resolved().horizons, **kwargs),
-    collect=lambda cells, **kwargs: collect(cells.resolved().models, cells.resolved().datasets,
-                                            **kwargs),
-    write_report=write_report,
-    command=lambda cells, **kwargs: reproduce_command(
-        cells.resolved().models, cells.resolved().datasets, horizons=cells.resolved().horizons,
-        **kwargs),
+    runs=_cell_runs, collect=_cell_rows, write_report=write_report, command=_cell_command,
     # A report shows every model with a paper number and every data set, whatever ran.
     whole_table=lambda cells: Cells(report_models((cells or Cells()).models), list(PROTOCOL)),
     describe=lambda run: f"{run.model} {run.data} {run.seq_len}->{run.pred_len} seed {run.seed}",

@@ -60,6 +60,7 @@ from typing import Any, Iterable, Sequence
 from experiments import configs
 from experiments import grids
 from experiments import run_ledger
+from paperzoo import config as config_lib
 from paperzoo import workdir as workdir_lib
 from paperzoo.generation import metrics
 
@@ -373,20 +374,13 @@ def _reference_note(run: GenerationRun) -> str:
   differences = run_ledger.config_differences(saved, today)
   if not differences:
     return ""
-  shown = ", ".join(f"{k}={_lookup(saved, k)!r} (today {_lookup(today, k)!r})"
+  shown = ", ".join(f"{k}={config_lib.lookup(saved, k)[1]!r} "
+                    f"(today {config_lib.lookup(today, k)[1]!r})"
                     for k in differences[:4])
   return (f"the classifier in {grids.display_path(run.workdir)} (the one that scores samples) "
           "was trained with "
           f"{shown}{' ...' if len(differences) > 4 else ''}; kept, since retraining it changes "
           "every sample score (delete the folder to retrain)")
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-  for part in dotted.split("."):
-    if not isinstance(tree, dict) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
 
 
 # ---------------------------------------------------------------------------------------------

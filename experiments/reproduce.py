@@ -23,7 +23,7 @@ updates its rows and leaves the others as they were.
 
 Several processes may work on one grid at once: give each the same command (one per GPU, or
 one per core where a single run uses several cores poorly). A run being trained holds a lock
-(`run_ledger.run_lock`), so the others pass over it to the next free run ("busy" in their
+(`paperzoo.workdir.lock`), so the others pass over it to the next free run ("busy" in their
 summary), and each takes the report's lock before it rewrites the report and ledger
 (`run_ledger.report_lock`). On a 2-core CPU, for example:
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import subprocess
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from paperzoo import config as config_lib
+from paperzoo import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -69,31 +69,12 @@ def ledger_path(report: str | os.PathLike) -> pathlib.Path:
   return report.with_name(f"{report.stem}_runs.jsonl")
 
 
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
-  """An exclusive POSIX `flock` on `path` (created if missing, never removed: deleting it while
-  a process waits on it would let a third lock a new file). Yields True once held; with
-  `wait=False`, yields False at once if another process holds it."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a") as handle:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-      yield False
-      return
-    try:
-      yield True
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def report_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[bool]:
+def report_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
   """Held while one process rewrites a report and its ledger (`.<report name>.lock` beside
-  it). Processes that train different runs of one table at once each take it, then read the
-  ledger, so neither drops the other's records."""
-  path = pathlib.Path(path)
-  return file_lock(path.with_name(f".{path.name}.lock"))
+  it, the lock every run's workdir has: `paperzoo.workdir.lock`, waited for). Processes that
+  train different runs of one table at once each take it, then read the ledger, so neither
+  drops the other's records."""
+  return workdir_lib.lock(path, wait=True)
 
 
 def current_commit() -> str:

@@ -442,7 +442,7 @@ def validate(config: Any) -> None:
   problems = []
   bad = set()  # keys with a problem of their own: the rules between keys skip them
   for key, rule in SCHEMA.items():
-    found, value = _lookup(config, key)
+    found, value = lookup(config, key)
     if not found:
       problems.append(f"{key}: missing (base_config() defines it; {rule.describe()})")
       bad.add(key)
@@ -459,7 +459,7 @@ def validate(config: Any) -> None:
       problems.append(_unknown_key_short(config, key))
   trainer_sections = dict.fromkeys(key.split(".")[0] for key in SCHEMA if "." in key)
   for section in [section for section in trainer_sections if section not in SECTIONS]:
-    found, node = _lookup(config, section)
+    found, node = lookup(config, section)
     if found and _is_section(node):
       for key in _keys(node):
         if f"{section}.{key}" not in SCHEMA:
@@ -467,7 +467,7 @@ def validate(config: Any) -> None:
 
   # The free-form sections.
   for section in SECTIONS:
-    found, node = _lookup(config, section)
+    found, node = lookup(config, section)
     if not found:
       continue  # reported above as `<section>.name: missing`
     if not _is_section(node):
@@ -477,7 +477,7 @@ def validate(config: Any) -> None:
 
   # Rules between keys.
   def value(key: str) -> Any:
-    return _lookup(config, key)[1]
+    return lookup(config, key)[1]
 
   if not bad & {"train.num_epochs", "train.num_steps"}:
     if value("train.num_epochs") == 0 and value("train.num_steps") == 0:
@@ -530,7 +530,7 @@ def _unknown_key_short(config: Any, dotted_key: str) -> str:
   known = sorted({key.split(".")[depth] for key in SCHEMA
                   if key.count(".") >= depth and key.startswith(parent)})
   closest = difflib.get_close_matches(name, known, n=1)
-  _, value = _lookup(config, dotted_key)
+  _, value = lookup(config, dotted_key)
   return (f"{dotted_key}={value!r}: unknown key, nothing reads it"
           + (f" (closest: {closest[0]})" if closest else ""))
 
@@ -590,8 +590,9 @@ def _keys(node: Any) -> list[str]:
   return list(node.keys()) if _is_section(node) else []
 
 
-def _lookup(config: Any, dotted_key: str) -> tuple[bool, Any]:
-  """(True, value) for a key the config has, else (False, None)."""
+def lookup(config: Any, dotted_key: str) -> tuple[bool, Any]:
+  """(True, value) for a dotted key the config (a ConfigDict or a nested dict) has, else
+  (False, None)."""
   node = config
   for part in dotted_key.split("."):
     if not _is_section(node) or part not in node:
