@@ -21,7 +21,6 @@ import os
 import pathlib
 from typing import Any, Iterable, Sequence
 
-from experiments import configs
 from experiments import grids
 from experiments import run_ledger
 
@@ -95,37 +94,9 @@ def entries(keys: Iterable[str] | None = None) -> list[Entry]:
   return grids.select_entries(ENTRIES, keys, CPU_KEYS)
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassificationRun:
-  entry: Entry
-  seed: int
-  workdir: pathlib.Path
-  fast: bool = False
-  ledger: run_ledger.Ledger | None = dataclasses.field(default=None, compare=False, repr=False)
-
-  @property
-  def key(self) -> str:
-    """The run's name in the ledger: its workdir below the grid's root."""
-    return f"{'fast' if self.fast else 'protocol'}/{self.entry.key}/seed{self.seed}"
-
-  @property
-  def config_arg(self) -> str:
-    return f"{self.entry.arg},seed={self.seed}" + (",runlocal" if self.fast else "")
-
-  @property
-  def command(self) -> str:
-    return grids.run_command(self.workdir, self.entry.config, self.config_arg)
-
-  def config(self):
-    return configs.load(self.entry.config, self.config_arg)
-
-
-def runs(chosen: Sequence[Entry], *, seeds: int | Sequence[int], workdir: str | os.PathLike,
-         fast: bool = False, ledger: run_ledger.Ledger | None = None
-         ) -> list[ClassificationRun]:
-  root = grids.check_workdir(workdir) / ("fast" if fast else "protocol")
-  return [ClassificationRun(entry, seed, root / entry.key / f"seed{seed}", fast, ledger)
-          for entry in chosen for seed in grids.seeds_list(seeds)]
+# A run of this grid: an entry at one seed (`grids.EntryRun`).
+ClassificationRun = grids.EntryRun
+runs = grids.entry_runs
 
 
 @dataclasses.dataclass
@@ -158,11 +129,7 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
     entry_runs = by_entry[entry.key]
     states = [grids.run_state(run) for run in entry_runs]
     done = [(run, s) for run, s in zip(entry_runs, states) if s.status == "done"]
-    counts: dict[str, int] = {}
-    for state in states:
-      counts[state.status] = counts.get(state.status, 0) + 1
-    status = ("done" if len(done) == len(entry_runs) else
-              ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    status = grids.status_line(states)
     rows.append(Row(entry, [s.results["test"]["accuracy"] for _, s in done], status,
                     [run.command for run in entry_runs], [s.finished for _, s in done],
                     [run.seed for run in entry_runs], [run for run, _ in done]))

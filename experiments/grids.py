@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from experiments import configs
 from experiments import prerequisites
 from experiments import run_ledger
 from paperzoo import config as config_lib
@@ -117,6 +118,44 @@ def run_command(workdir: pathlib.Path, config: str, arg: str) -> str:
           f"--config=experiments/configs/{config}.py:{arg}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EntryRun:
+  """One run of an entry grid: an entry (anything with `key`, `config` (a config file's name)
+  and `arg`) at one seed, in `workdir`. The classification and language-model grids' run."""
+
+  entry: Any
+  seed: int
+  workdir: pathlib.Path
+  fast: bool = False
+  # The report's record of finished runs, read when the workdir holds none (run_ledger).
+  ledger: run_ledger.Ledger | None = dataclasses.field(default=None, compare=False, repr=False)
+
+  @property
+  def key(self) -> str:
+    """The run's name in the ledger: its workdir below the grid's root."""
+    return f"{'fast' if self.fast else 'protocol'}/{self.entry.key}/seed{self.seed}"
+
+  @property
+  def config_arg(self) -> str:
+    return f"{self.entry.arg},seed={self.seed}" + (",runlocal" if self.fast else "")
+
+  @property
+  def command(self) -> str:
+    return run_command(self.workdir, self.entry.config, self.config_arg)
+
+  def config(self):
+    return configs.load(self.entry.config, self.config_arg)
+
+
+def entry_runs(chosen: Sequence[Any], *, seeds: int | Sequence[int],
+               workdir: str | os.PathLike, fast: bool = False,
+               ledger: run_ledger.Ledger | None = None) -> list[EntryRun]:
+  """Every chosen entry at every seed, one workdir each: <root>/<protocol|fast>/<key>/seed<s>."""
+  root = check_workdir(workdir) / ("fast" if fast else "protocol")
+  return [EntryRun(entry, seed, root / entry.key / f"seed{seed}", fast, ledger)
+          for entry in chosen for seed in seeds_list(seeds)]
+
+
 def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """The grid's root directory; never inside the repository (checkpoints do not belong there)."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -180,6 +219,16 @@ def run_state(run: Any) -> RunState:
                       record.finished)
     return RunState("done", record.results, finished=record.finished)
   return RunState("not run")
+
+
+def status_line(states: Sequence[RunState]) -> str:
+  """A table cell for a row's runs: "done" when all are, else the count of each status."""
+  if all(state.status == "done" for state in states):
+    return "done"
+  counts: dict[str, int] = {}
+  for state in states:
+    counts[state.status] = counts.get(state.status, 0) + 1
+  return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,10 +59,21 @@ sample (`cache_dir("reference_classifiers")/<data>`), not one per seed. `--repor
 `--fast` (report in `<workdir>/fast/generation.md`) and `--rerun_stale` work as for
 forecasting.
 
-The logic lives in `experiments/forecasting_grid.py`, `experiments/classification_grid.py` and
-`experiments/generation_grid.py` (each module's `GRID`: `GRID.train`, `GRID.update_report`, and
-its `runs`, `collect` and `write_report`), which a notebook calls directly; what they share
-(run states, the training loop, report pieces) is in `experiments/grids.py`.
+  python -m experiments.reproduce lm [--entries=shakespeare,mqar] [--seeds=3]
+      [--workdir=/tmp/paperzoo_reproduce_lm] [--report=experiments/results/language_model.md]
+
+trains the language-model entries (`shakespeare/<mixer>`: nanoGPT's CPU configuration with each
+of the five causal mixers; `mqar/<mixer>/L<length>` and `passkey/<mixer>/L<length>`: the recall
+probes; `long/attention`: the 2,048-character model; `gpu/attention` only when named) and writes
+`experiments/results/language_model.md` and `.csv`: validation loss and bits per character,
+training and decoding characters per second, parameters, the probes' accuracies with their
+plots, and samples.
+
+The logic lives in `experiments/forecasting_grid.py`, `experiments/classification_grid.py`,
+`experiments/generation_grid.py` and `experiments/language_model_grid.py` (each module's `GRID`:
+`GRID.train`, `GRID.update_report`, and its `runs`, `collect` and `write_report`), which a
+notebook calls directly; what they share (run states, the training loop, report pieces) is in
+`experiments/grids.py`.
 
 Exit status (`experiments.cli`): 0 when every chosen run finished or was skipped; 75 when a
 run was preempted (SIGTERM: saved; the same command resumes it later); 1 when a run failed (its
@@ -81,6 +92,7 @@ from experiments import cli
 from experiments import forecasting_grid
 from experiments import generation_grid
 from experiments import grids
+from experiments import language_model_grid
 from paperzoo import config as config_lib
 
 _MODELS = flags.DEFINE_list(
@@ -103,12 +115,12 @@ _FAST = flags.DEFINE_bool("fast", False, "Smoke mode: each config's runlocal set
 _RERUN_STALE = flags.DEFINE_bool("rerun_stale", False, "Retrain finished runs whose config has "
                                  "changed since (the old workdir is kept as seed<N>.staleK).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; train nothing.")
-_ENTRIES = flags.DEFINE_list("entries", None, "classification, generation: entry keys or key "
-                             "prefixes (e.g. uea,mnist/vit or mnist/dit,mnist/var); default: "
+_ENTRIES = flags.DEFINE_list("entries", None, "classification, generation, lm: entry keys or "
+                             "key prefixes (e.g. uea,mnist/vit or mnist/dit,mnist/var); default: "
                              "every entry that fits a CPU.")
 
 GRIDS = {grid.name: grid for grid in (forecasting_grid.GRID, classification_grid.GRID,
-                                     generation_grid.GRID)}
+                                     generation_grid.GRID, language_model_grid.GRID)}
 
 
 def selection(name: str):

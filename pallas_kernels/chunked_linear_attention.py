@@ -32,6 +32,10 @@ over chunks with a rematerialised step, so its autodiff memory is one
 chunk's intermediates plus the chunk states); "reference" is the sequential
 recurrence. "auto" picks "pallas" on GPU and "chunked" elsewhere.
 
+For decoding, `linear_attention_state` gives the state S_T after a prompt
+(one parallel sum) and `linear_attention_step` advances the recurrence one
+step from it (both pure jnp, float32).
+
 The Pallas kernel runs a grid over (batch, head, value block): the state's
 value columns evolve independently, so each program owns S[:, block] in
 float32 registers and walks the chunks, writing the state entering each
@@ -161,6 +165,65 @@ def reference_linear_attention(q, k, v, log_decay=None, *, scale=None):
   time_major = [jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, w)]
   _, out = jax.lax.scan(step, state0, time_major)
   return (scale * jnp.moveaxis(out, 0, 1)).astype(q.dtype)
+
+
+def linear_attention_state(k, v, log_decay=None):
+  """The state after the last step, S_T, as one parallel sum (float32).
+
+  S_T = sum_s (k_s * exp(B_T - B_s))^T v_s, with B the cumulative log decay.
+  B_T - B_s is summed directly over the steps after s (a reverse cumulative
+  sum of w, never a difference of two large cumulative sums), so every
+  exponent is <= 0 for decays <= 1: it never overflows and keeps its
+  precision for long sequences.
+
+  Args:
+    k: [batch, length, heads, key_dim].
+    v: [batch, length, heads, value_dim].
+    log_decay: None, [batch, length, heads] or [batch, length, heads,
+      key_dim], as for `chunked_linear_attention`.
+
+  Returns:
+    [batch, heads, key_dim, value_dim] float32, the state that
+    `linear_attention_step` continues from.
+  """
+  f32 = jnp.float32
+  k, v = k.astype(f32), v.astype(f32)
+  if log_decay is not None:
+    w = _decay_4d(log_decay, k.shape)                 # [b, l, h, d or 1]
+    # sum_{r > s} w_r: the inclusive reverse cumsum shifted by one step.
+    after = jnp.pad(jax.lax.cumsum(w, axis=1, reverse=True)[:, 1:],
+                    [(0, 0), (0, 1), (0, 0), (0, 0)])
+    k = k * jnp.exp(after)
+  return jnp.einsum("blhk,blhv->bhkv", k, v,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def linear_attention_step(state, q, k, v, log_decay=None, *, scale):
+  """One step of the recurrence: S_t = diag(exp(w_t)) S_{t-1} + k_t^T v_t,
+  o_t = scale q_t S_t.
+
+  Args:
+    state: [batch, heads, key_dim, value_dim], S_{t-1} (zeros before the
+      first step).
+    q, k: [batch, heads, key_dim].
+    v: [batch, heads, value_dim].
+    log_decay: None, [batch, heads] or [batch, heads, key_dim]: w_t.
+    scale: output scale (`chunked_linear_attention`'s default is
+      key_dim ** -0.5).
+
+  Returns:
+    (o_t [batch, heads, value_dim] in q's dtype, S_t float32).
+  """
+  f32 = jnp.float32
+  state = state.astype(f32)
+  if log_decay is not None:
+    w = log_decay.astype(f32)
+    w = w[..., None] if w.ndim == 2 else w           # [b, h, key_dim or 1]
+    state = jnp.exp(w)[..., None] * state
+  state = state + (k.astype(f32)[..., :, None] * v.astype(f32)[..., None, :])
+  out = jnp.einsum("bhk,bhkv->bhv", q.astype(f32), state,
+                   precision=jax.lax.Precision.HIGHEST)
+  return (scale * out).astype(q.dtype), state
 
 
 def _chunked(q, k, v, log_decay, chunk_size, scale):

@@ -1,5 +1,6 @@
-"""Pictures: a run's loss curves, forecasts, confusion matrices and example inputs, and the
-reproduction grid's ours-vs-paper plot (matplotlib, no display needed)."""
+"""Pictures: a run's loss curves, forecasts, confusion matrices and example inputs, the
+reproduction grid's ours-vs-paper plot, and lines with error bars over seeds (a metric against
+one axis of a grid) (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,32 @@ def paper_comparison(points: Sequence[dict[str, Any]], path: str | pathlib.Path,
     bars.legend(fontsize=8, loc="lower right")
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def lines_with_error_bars(lines: dict[str, Sequence[tuple[float, float, float]]],
+                          path: str | pathlib.Path, *, xlabel: str, ylabel: str,
+                          title: str = "", log_x: bool = False, log_y: bool = False
+                          ) -> pathlib.Path:
+  """One line per name of `lines` through its (x, mean, std) points, the std as error bars
+  (0: none): a metric against one axis of an ablation, another axis as the lines."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for name, points in lines.items():
+    x, mean, std = (np.asarray(v, np.float64) for v in zip(*points))
+    ax.errorbar(x, mean, yerr=np.nan_to_num(std), fmt="o-", ms=4, capsize=3, label=name)
+  if log_x:
+    ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for points in lines.values() for p in points})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   return save_figure(fig, path)
 

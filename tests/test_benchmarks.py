@@ -89,3 +89,22 @@ def test_step_cost_flags_loops_whose_bodies_xla_counts_once():
   dropout_only = jax.make_jaxpr(lambda a: a * jax.random.bernoulli(jax.random.key(0), 0.5,
                                                                    a.shape))(x).jaxpr
   assert not step_cost.has_loops_or_kernels(dropout_only)
+
+
+def test_lm_speed_parts_run_and_print_their_ratios(tmp_path):
+  from experiments.benchmarks import lm_speed  # pylint: disable=g-import-not-at-top
+  lines = []
+  step = lm_speed.step_part("mixer=attention,runlocal", repeats=1, steps=2, use_torch=False,
+                            print_fn=lines.append)
+  assert step["step_seconds"] > 0 and step["forward_seconds"] > 0
+  assert "ms/step" in lines[0] and "of this machine's float32 matmul rate" in lines[1]
+  length = lm_speed.length_part([16, 32], 64, repeats=1, steps=2, arg="runlocal",
+                                mixers=lm_speed.LENGTH_MIXERS[1:2],
+                                plot=str(tmp_path / "speed.png"), print_fn=lines.append)
+  assert [r["length"] for r in length["rows"]] == [16, 32]
+  assert (tmp_path / "speed.png").exists()
+  decode = lm_speed.decode_part(24, repeats=1, steps=1, arg="runlocal",
+                                mixers=("attention",), print_fn=lines.append)
+  assert [r["mixer"] for r in decode["rows"]] == ["attention"]
+  assert all(r["speedup"] > 0 and r["generate_tokens_per_second"] > 0 for r in decode["rows"])
+  assert any("x per character" in line for line in lines)

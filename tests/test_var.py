@@ -18,6 +18,7 @@ from flax import nnx
 
 from experiments import prerequisites
 from experiments.configs import var as var_config
+from paperzoo.generation import decoding
 from paperzoo import workdir as workdir_lib
 from paperzoo.models import var
 from paperzoo.models import var_tokenizer as vt
@@ -197,14 +198,14 @@ def _numpy_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
                                          (0, 1.0)])
 def test_top_k_top_p_filter_matches_numpy(top_k, top_p):
   logits = np.random.default_rng(top_k).normal(size=(3, 4, 40)).astype(np.float32) * 2
-  filtered = np.asarray(var.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+  filtered = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
   expected = _numpy_filter(logits, top_k, top_p)
   np.testing.assert_array_equal(np.isinf(filtered), np.isinf(expected))
   np.testing.assert_array_equal(filtered[~np.isinf(filtered)], logits[~np.isinf(expected)])
   if top_k:
     assert np.all(np.sum(~np.isinf(filtered), -1) <= top_k)
   with pytest.raises(ValueError, match="top_p"):
-    var.filter_logits(jnp.asarray(logits), top_p=1.5)
+    decoding.filter_logits(jnp.asarray(logits), top_p=1.5)
 
 
 def test_class_dropout_replaces_labels_by_the_null_class_at_its_rate():

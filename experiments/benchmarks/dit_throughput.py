@@ -39,21 +39,15 @@ linear attention; the ratio of the two images/s says what the mixer costs at thi
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 
 from experiments.benchmarks import machine
 from experiments.configs import dit as dit_config
-from paperzoo import train_state
-from paperzoo.registry import MODELS, TASKS
 
 _DATA = flags.DEFINE_enum("data", "mnist", ["mnist", "cifar10"], "Training images.")
 _SIZE = flags.DEFINE_string("size", "", "DiT size: tiny | S | B | L | XL ('' = tiny on MNIST, "
@@ -149,57 +143,14 @@ def dit_config_for(*, data: str, size: str, patch: int, objective: str, mixer: s
   return config
 
 
-def build_train_step(config: Any) -> dict[str, Any]:
-  """The trainer's training step (`paperzoo.train_state.TrainStep`) on one device: returns the
-  jitted step (state donated), an initial state and a device batch."""
-  task = TASKS.get(config.task.name)(config)
-  batch_size = int(config.train.batch_size)
-  train_set = task.splits["train"]
-  step_def = train_state.TrainStep(config, task, MODELS.get(config.model.name),
-                                   total_steps=int(config.train.num_steps),
-                                   steps_per_epoch=max(1, len(train_set) // batch_size))
-  with nnx.use_eager_sharding(False):
-    state = jax.jit(step_def.init_state)()
-  indices = np.arange(batch_size) % len(train_set)
-  batch = jax.device_put(train_set.get_batch(indices))
-  return {"step": jax.jit(step_def.train_step, donate_argnums=0), "state": state,
-          "batch": batch, "num_params": sum(x.size for x in jax.tree.leaves(state["params"])),
-          "image_shape": task.image_shape}
-
-
 def time_train_step(config: Any, *, steps: int, repeats: int, warmup: int) -> dict[str, Any]:
-  """Compiles and times the step (module docstring); FLOPs from XLA's cost analysis."""
-  built = build_train_step(config)
-  state, batch = built["state"], built["batch"]
-  start = time.perf_counter()
-  compiled = built["step"].lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  step_flops = machine.compiled_flops(compiled)
-  losses = []
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-    losses.append(metrics["loss"])
-  jax.block_until_ready(state)
-  windows = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    windows.append((time.perf_counter() - start) / steps)
-    losses.append(metrics["loss"])
-  step_seconds = statistics.median(windows)
-  batch_size = int(config.train.batch_size)
-  height, width, _ = built["image_shape"]
+  """`machine.time_train_step` (module docstring), with the image's token count."""
+  built = machine.build_train_step(config)
+  row = machine.time_train_step(config, steps=steps, repeats=repeats, warmup=warmup,
+                                built=built)
+  height, width, _ = built["task"].image_shape
   patch = int(config.model.patch_size)
-  return {
-      "batch": batch_size, "num_params": int(built["num_params"]),
-      "tokens": (height // patch) * (width // patch), "compile_seconds": compile_seconds,
-      "step_seconds": step_seconds, "window_step_seconds": windows,
-      "images_per_second": batch_size / step_seconds, "step_gflop": step_flops / 1e9,
-      "achieved_tflops": step_flops / step_seconds / 1e12,
-      "losses_finite": bool(all(np.isfinite(float(l)) for l in losses)),
-  }
+  return dict(row, tokens=(height // patch) * (width // patch))
 
 
 def model_name(config: Any) -> str:

@@ -7,8 +7,9 @@ LayerNorm eps 1e-5, instance normalization, the projection applied to every toke
 time-feature tokens are dropped, Adam, MSE. The reference computes the encoder's feed-forward
 with `nn.Conv1d(kernel_size=1)` over transposed activations (layers/Transformer_EncDec.py);
 `ffn="conv1d"` does the same, `ffn="linear"` uses `nn.Linear`, which computes the same function
-faster in PyTorch, so the benchmark reports against both. It is used only by
-`forecasting_speed.py` and only when torch is installed; torch is not a paperzoo dependency.
+faster in PyTorch, so the benchmark reports against both. Also the character language model
+(`decoder_lm` with attention, as nanoGPT writes it) for `lm_speed.py`. Used only by the
+benchmarks and only when torch is installed; torch is not a paperzoo dependency.
 """
 
 from __future__ import annotations
@@ -134,4 +135,107 @@ def epoch_seconds(name: str, config: Any, task: Any, order: Any, *, ffn: str = "
             np.arange(first, min(first + config.train.batch_size, len(dataset)))))
         model(x, x_mark)
   return {"train_epoch": train_seconds, "val_and_test": time.perf_counter() - start,
+          "threads": torch.get_num_threads(), "version": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# The character language model (`decoder_lm` with mixer "attention" and learned positions).
+
+def _build_char_lm(config: Any, vocab_size: int):
+  """GPT-2's pre-norm decoder as `paperzoo.models.decoder_lm` computes it with the attention
+  mixer: LayerNorms and linear maps without biases (as the config's bias=False), a fused qkv
+  map, `F.scaled_dot_product_attention(is_causal=True)`, exact GELU, tied embeddings; AdamW
+  with weight decay on matrices and embeddings only, as paperzoo's config sets it."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  m = config.model
+  d, heads, layers = m.d_model, m.num_heads, m.num_layers
+  length = config.data.seq_len
+
+  class Block(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.norm1, self.norm2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+      self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+      self.fc = nn.Linear(d, int(m.mlp_ratio * d), bias=False)
+      self.proj = nn.Linear(int(m.mlp_ratio * d), d, bias=False)
+
+    def forward(self, x):
+      b, t, _ = x.shape
+      q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+      q, k, v = (a.view(b, t, heads, d // heads).transpose(1, 2) for a in (q, k, v))
+      y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
+      return x + self.proj(F.gelu(self.fc(self.norm2(x))))
+
+  class CharLM(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.embed = nn.Embedding(vocab_size, d)
+      self.positions = nn.Parameter(0.02 * torch.randn(length, d))
+      self.blocks = nn.ModuleList(Block() for _ in range(layers))
+      self.norm = nn.LayerNorm(d, bias=False)
+      for parameter in self.parameters():
+        if parameter.dim() >= 2:
+          nn.init.normal_(parameter, std=0.02)
+
+    def forward(self, tokens):
+      x = self.embed(tokens) + self.positions[:tokens.shape[1]]
+      for block in self.blocks:
+        x = block(x)
+      return self.norm(x) @ self.embed.weight.T
+
+  torch.manual_seed(config.seed)
+  model = CharLM()
+  opt = config.optimizer
+  decayed = [p for p in model.parameters() if p.dim() >= 2]
+  others = [p for p in model.parameters() if p.dim() < 2]
+  optimizer = torch.optim.AdamW(
+      [{"params": decayed, "weight_decay": opt.weight_decay},
+       {"params": others, "weight_decay": 0.0}],
+      lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
+  return model, optimizer
+
+
+def char_lm_step_seconds(config: Any, vocab_size: int, batches: Any, *, warmup: int = 3
+                         ) -> dict[str, Any]:
+  """Seconds per training step of the character model in PyTorch (forward, backward, gradient
+  clipping, AdamW), the median over `batches` (dicts of int32 "inputs", "targets" [B, T]) after
+  `warmup` untimed steps; also the forward alone."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  model, optimizer = _build_char_lm(config, vocab_size)
+  clip = config.optimizer.grad_clip_norm
+
+  def step(batch):
+    inputs = torch.from_numpy(batch["inputs"].astype(np.int64))
+    targets = torch.from_numpy(batch["targets"].astype(np.int64))
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+
+  batches = list(batches)
+  for batch in batches[:warmup]:
+    step(batch)
+  times = []
+  for batch in batches[warmup:]:
+    start = time.perf_counter()
+    step(batch)
+    times.append(time.perf_counter() - start)
+  forward = []
+  with torch.no_grad():
+    for batch in batches[warmup:]:
+      start = time.perf_counter()
+      model(torch.from_numpy(batch["inputs"].astype(np.int64)))
+      forward.append(time.perf_counter() - start)
+  return {"step": float(np.median(times)), "forward": float(np.median(forward)),
           "threads": torch.get_num_threads(), "version": torch.__version__}

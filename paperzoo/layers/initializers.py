@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from paperzoo.layers.matmul import dense_dot_general
+
 Initializer = Callable[..., jax.Array]
 
 INIT_SCHEMES = ("torch", "lecun")
@@ -67,16 +69,20 @@ def dense(
     rngs: nnx.Rngs,
     use_bias: bool = True,
     kernel_init: Initializer | None = None,
+    matmul: str = "float32",
 ) -> nnx.Linear:
   """An `nnx.Linear` whose [in, out] kernel is named `names` and whose bias is named `names[1]`.
 
   `init` is "torch" (PyTorch defaults) or "lecun" (flax defaults); `kernel_init` overrides the
   kernel's initializer only (DLinear starts its kernels at 1/seq_len but keeps the bias init).
+  `matmul` is the product's precision (`paperzoo.layers.matmul`): "float32", or "bfloat16"
+  operands with float32 accumulation and output (parameters stay float32).
   """
   if len(names) != 2:
     raise ValueError(f"a dense kernel needs two logical names (in, out), got {names!r}")
   default_kernel_init, bias_init = kernel_and_bias_init(in_features, init)
   kernel_init = default_kernel_init if kernel_init is None else kernel_init
+  dot_general = dense_dot_general(matmul)
   return nnx.Linear(
       in_features,
       out_features,
@@ -84,4 +90,12 @@ def dense(
       kernel_init=nnx.with_partitioning(kernel_init, tuple(names)),
       bias_init=nnx.with_partitioning(bias_init, (names[1],)),
       rngs=rngs,
+      **({} if dot_general is None else {"dot_general": dot_general}),
   )
+
+
+def flat_dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """`layer` on the 2-D [batch * tokens, features] view of x [..., features]: on this project's
+  CPU XLA's backward of a 3-D [B, T, D] @ W (followed by GELU) was 2.7x slower than the same on
+  the flattened array."""
+  return layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))

@@ -22,6 +22,11 @@ so the initial step sizes span two decades; this is part of the Mamba method and
 either `init` scheme. The conv kernel and bias follow `init` with fan-in d_conv (PyTorch's
 depthwise Conv1d).
 
+Decoding: `prefill(x)` returns the block's output and the state after the last token, the
+conv's last d_conv - 1 inputs [B, d_conv - 1, d_inner] and h [B, d_inner, N] (float32); `step`
+advances that state by one token with the recurrence above (`init_state` is the empty state).
+Linear maps run on the flattened [batch * tokens, features] arrays (a faster backward on CPU).
+
 Parameter names: d_inner is "mlp": in_proj ("embed", "mlp"), conv kernel (None, "mlp") and bias
 ("mlp",), x_proj ("mlp", None), dt_proj (None, "mlp") / ("mlp",), A_log ("mlp", None), D
 ("mlp",), out_proj ("mlp", "embed").
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from paperzoo.layers.initializers import dense, kernel_and_bias_init
+from paperzoo.layers.initializers import dense, flat_dense, kernel_and_bias_init
 from pallas_kernels.selective_scan import IMPLS as SCAN_IMPLS
 
 # mamba_ssm's dt initialisation range and floor.
@@ -64,6 +69,7 @@ class MambaBlock(nnx.Module):
       dt_rank: int | None = None,
       init: str = "torch",
       scan_impl: str = "auto",
+      matmul: str = "float32",
       rngs: nnx.Rngs,
   ):
     if d_conv < 1 or d_state < 1 or expand < 1:
@@ -77,7 +83,7 @@ class MambaBlock(nnx.Module):
     self.dt_rank = dt_rank = dt_rank or math.ceil(d_model / 16)
     self.scan_impl = scan_impl
     self.in_proj = dense(d_model, 2 * d_inner, names=("embed", "mlp"), init=init, rngs=rngs,
-                         use_bias=False)
+                         use_bias=False, matmul=matmul)
     # Depthwise Conv1d: one length-d_conv filter per channel, fan-in d_conv as in PyTorch.
     conv_kernel_init, conv_bias_init = kernel_and_bias_init(d_conv, init)
     self.conv_kernel = nnx.Param(conv_kernel_init(rngs.params(), (d_conv, d_inner), jnp.float32),
@@ -85,7 +91,7 @@ class MambaBlock(nnx.Module):
     self.conv_bias = nnx.Param(conv_bias_init(rngs.params(), (d_inner,), jnp.float32),
                                out_sharding=("mlp",))
     self.x_proj = dense(d_inner, dt_rank + 2 * d_state, names=("mlp", None), init=init,
-                        rngs=rngs, use_bias=False)
+                        rngs=rngs, use_bias=False, matmul=matmul)
     dt_std = dt_rank ** -0.5
     self.dt_proj = dense(
         dt_rank, d_inner, names=(None, "mlp"), init=init, rngs=rngs,
@@ -101,7 +107,7 @@ class MambaBlock(nnx.Module):
         out_sharding=("mlp", None))
     self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32), out_sharding=("mlp",))
     self.out_proj = dense(d_inner, d_model, names=("mlp", "embed"), init=init, rngs=rngs,
-                          use_bias=False)
+                          use_bias=False, matmul=matmul)
 
   def causal_conv(self, u: jax.Array) -> jax.Array:
     """out_t = bias + sum_k kernel[k] * u_{t - (d_conv - 1) + k}, zeros before the start."""
@@ -113,15 +119,59 @@ class MambaBlock(nnx.Module):
       out = out + kernel[k] * padded[:, k:k + length]
     return out
 
+  def _ssm_inputs(self, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """delta (before dt_proj's bias, which the scan adds), A, B, C from the convolved u."""
+    delta_low, B, C = jnp.split(flat_dense(self.x_proj, u),
+                                [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+    delta = _flat_matmul(delta_low, self.dt_proj.kernel[...])
+    return delta, -jnp.exp(self.A_log[...]), B, C
+
+  def _scan(self, x: jax.Array, *, return_last_state: bool):
+    """(the conv's input u, the scan's result) for x [B, S, d_model]."""
+    u, z = jnp.split(flat_dense(self.in_proj, x), 2, axis=-1)
+    u_conv = jax.nn.silu(self.causal_conv(u))
+    delta, A, B, C = self._ssm_inputs(u_conv)
+    result = pallas_kernels.selective_scan(
+        u_conv, delta, A, B, C, D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
+        delta_softplus=True, return_last_state=return_last_state, impl=self.scan_impl)
+    return u, result
+
   def __call__(self, x: jax.Array) -> jax.Array:
+    _, y = self._scan(x, return_last_state=False)
+    return flat_dense(self.out_proj, y)
+
+  # Decoding: the state after a prefix is the conv's last d_conv - 1 inputs and the SSM state h.
+
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    """The state before the first token: {"conv": [B, d_conv - 1, d_inner] (the conv inputs
+    seen so far, zeros before the start), "ssm": h [B, d_inner, d_state]}, float32 zeros."""
+    return {"conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), jnp.float32),
+            "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32)}
+
+  def prefill(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(__call__(x), the state after the last of x's S tokens), x [B, S, d_model]."""
+    u, (y, h) = self._scan(x, return_last_state=True)
+    # The last d_conv - 1 conv inputs, zeros standing for the positions before the start.
+    window = jnp.pad(u, ((0, 0), (self.d_conv - 1, 0), (0, 0)))[:, u.shape[1]:]
+    return flat_dense(self.out_proj, y), {"conv": window.astype(jnp.float32), "ssm": h}
+
+  def step(self, x: jax.Array, state: dict[str, jax.Array]
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One token x [B, d_model] -> (out [B, d_model], the state after it), the recurrence
+    h = exp(delta A) h + delta B u, y = (C . h + D u) silu(z) of the module docstring."""
+    f32 = jnp.float32
     u, z = jnp.split(self.in_proj(x), 2, axis=-1)
-    u = jax.nn.silu(self.causal_conv(u))
-    delta_low, B, C = jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state],
-                                axis=-1)
-    # dt_proj's bias is added inside the scan (delta_bias), before the softplus.
-    delta = delta_low @ self.dt_proj.kernel[...]
-    A = -jnp.exp(self.A_log[...])
-    y = pallas_kernels.selective_scan(
-        u, delta, A, B, C, D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
-        delta_softplus=True, impl=self.scan_impl)
-    return self.out_proj(y)
+    window = jnp.concatenate([state["conv"], u[:, None].astype(f32)], axis=1)  # [B, d_conv, D]
+    u_conv = jax.nn.silu(self.conv_bias[...] + jnp.einsum("bkd,kd->bd", window,
+                                                           self.conv_kernel[...]))
+    delta, A, B, C = self._ssm_inputs(u_conv)
+    dt = jax.nn.softplus(delta.astype(f32) + self.dt_proj.bias[...])
+    h = (jnp.exp(dt[..., None] * A) * state["ssm"]
+         + (dt * u_conv)[..., None] * B.astype(f32)[:, None, :])
+    y = jnp.einsum("bdn,bn->bd", h, C.astype(f32)) + self.D[...] * u_conv
+    y = y * jax.nn.silu(z.astype(f32))
+    return self.out_proj(y.astype(x.dtype)), {"conv": window[:, 1:], "ssm": h}
+
+
+def _flat_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(x.shape[:-1] + (-1,))

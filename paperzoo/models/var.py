@@ -89,6 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from paperzoo.generation.decoding import filter_logits
 from paperzoo.layers.attention import Dropout, MultiHeadAttention, dot_product_attention
 from paperzoo.layers.initializers import dense
 from paperzoo.models.dit import drop_labels, modulate
@@ -128,7 +129,7 @@ def block_causal_mask(scales: tuple[int, ...]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Guidance and filtering.
+# Guidance (filtering: paperzoo.generation.decoding.filter_logits).
 # --------------------------------------------------------------------------------------------
 def guidance_at(scale_index: int, num_scales: int, guidance_scale: Any,
                 schedule: str = "linear") -> Any:
@@ -144,27 +145,6 @@ def guidance_at(scale_index: int, num_scales: int, guidance_scale: Any,
 def guided_logits(cond: jax.Array, uncond: jax.Array, scale: Any) -> jax.Array:
   """(1 + t) cond - t uncond: t = 0 is the conditional model."""
   return (1.0 + scale) * cond - scale * uncond
-
-
-def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
-  """Sets the logits outside the top-k, then outside the top-p nucleus, to -inf (VAR's
-  `sample_with_top_k_top_p_`): top_k > 0 keeps the logits >= the k-th largest (ties kept);
-  0 < top_p keeps, of the logits sorted ascending, those whose cumulative probability exceeds
-  1 - top_p, and always the largest. top_k = 0 and top_p = 0 switch the filters off."""
-  vocab = logits.shape[-1]
-  if top_k < 0 or not 0.0 <= top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got {top_k} and {top_p}")
-  if 0 < top_k < vocab:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p > 0.0:
-    order = jnp.argsort(logits, axis=-1)  # ascending
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = (cumulative <= 1.0 - top_p).at[..., -1].set(False)
-    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    logits = jnp.where(remove, -jnp.inf, logits)
-  return logits
 
 
 # --------------------------------------------------------------------------------------------

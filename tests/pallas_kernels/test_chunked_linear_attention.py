@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import chunked_linear_attention
-from pallas_kernels.chunked_linear_attention import reference_linear_attention
+from pallas_kernels.chunked_linear_attention import (
+    linear_attention_state, linear_attention_step, reference_linear_attention)
 
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
 
@@ -152,3 +153,52 @@ def test_bad_inputs_raise(change, message):
   with pytest.raises(ValueError, match=message):
     chunked_linear_attention(args.pop("q"), args.pop("k"), args.pop("v"),
                              args.pop("log_decay"), **args)
+
+
+# ---------------------------------------------- decoding: state and step --
+
+
+@pytest.mark.parametrize("decay", [None, "head", "key"])
+def test_state_and_steps_continue_the_reference(fast_jit, close, decay):
+  """linear_attention_state of a prefix, then linear_attention_step per
+  token, gives the reference's outputs; the final state is the state of the
+  whole sequence and the recurrence's, written out in numpy."""
+  batch, length, heads, key_dim, value_dim, prefix = 2, 11, 2, 3, 4, 4
+  q, k, v, log_decay = make_inputs(batch, length, heads, key_dim, value_dim,
+                                   decay)
+
+  def run(q, k, v, w):
+    ref = reference_linear_attention(q, k, v, w, scale=0.5)
+    upto = lambda x: None if x is None else x[:, :prefix]
+    state = linear_attention_state(k[:, :prefix], v[:, :prefix], upto(w))
+    outs = []
+    for t in range(prefix, length):
+      out, state = linear_attention_step(
+          state, q[:, t], k[:, t], v[:, t], None if w is None else w[:, t],
+          scale=0.5)
+      outs.append(out)
+    return ref, jnp.stack(outs, axis=1), state, linear_attention_state(k, v, w)
+
+  ref, stepped, state, whole = fast_jit(run)(q, k, v, log_decay)
+  chex.assert_type([stepped, state], [jnp.float32, jnp.float32])
+  close(stepped, ref[:, prefix:], atol=1e-5)
+  close(state, whole, atol=1e-5)
+  k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+  w = (np.zeros(k.shape[:3]) if log_decay is None
+       else np.asarray(log_decay, np.float64))
+  if w.ndim == 3:
+    w = np.broadcast_to(w[..., None], k.shape)
+  want = np.zeros((batch, heads, key_dim, value_dim))
+  for t in range(length):
+    want = (np.exp(w[:, t])[..., None] * want
+            + k[:, t, :, :, None] * v[:, t, :, None, :])
+  close(whole, want, atol=1e-5)
+
+
+def test_state_with_strong_decay_stays_finite(fast_jit):
+  # Cumulative decay far beyond float32's exp range: S_T is the last k^T v.
+  _, k, v, _ = make_inputs(1, 64, 1, 4, 4, None)
+  log_decay = jnp.asarray(np.full((1, 64, 1, 4), -30.0, np.float32))
+  state = fast_jit(linear_attention_state)(k, v, log_decay)
+  want = np.einsum("bhk,bhv->bhkv", np.asarray(k)[:, -1], np.asarray(v)[:, -1])
+  np.testing.assert_allclose(np.asarray(state), want, atol=1e-6)
