@@ -100,8 +100,8 @@ def run_metrics(results: dict[str, Any], config: Any) -> dict[str, float]:
     tokens = (results["steps"] - 1) * config.train.batch_size * config.data.seq_len
     values["train_tokens_per_second"] = tokens / seconds
   final = results.get("final_metrics") or {}
-  if "decode_tokens_per_second" in final:
-    values["decode_tokens_per_second"] = final["decode_tokens_per_second"]
+  values.update({name: value for name, value in final.items()
+                 if name == "decode_tokens_per_second" or name.startswith("passkey_accuracy")})
   if "num_params" in results:
     values["num_params"] = results["num_params"]
   return values
@@ -153,6 +153,16 @@ def _count(row: Row, name: str) -> str:
   """A number every seed shares (a parameter count), as an integer."""
   values = sorted(set(row.values(name)))
   return "-" if not values else " / ".join(f"{int(v):,}" for v in values)
+
+
+def _pictures(row: Row, folder: pathlib.Path, base: pathlib.Path) -> str:
+  """Links to the first finished run's pictures, copied beside the report."""
+  for run, _ in row.done:
+    copies = grids.copy_pictures(run.workdir, PICTURES[:2], folder, entry_key=row.entry.key,
+                                 seed=run.seed)
+    if copies:
+      return grids.picture_links(copies, base)
+  return "-"
 
 
 def _first_sample(row: Row) -> tuple[int, str] | None:
@@ -235,10 +245,19 @@ def write_report(rows: Sequence[Row], path: str | os.PathLike, *, command: str,
     if group not in by_group:
       continue
     lines += ["", f"## {title}", ""]
+    if group == "long":
+      lines += ["Passkey accuracy: the whole 5-letter key right, on 250 passkey examples built "
+                "in the validation text after training, by the depth of the key line (five "
+                "bins, shallowest first).", ""]
     lines += grids.markdown_table(
-        ["entry", "val loss", "val bits/char", "n", "status", "command"],
-        ([row.entry.key, _fmt(row, "loss"), _fmt(row, "bits_per_char"), len(row.done),
-          row.status, f"`{row.commands[0]}`"] for row in by_group[group]))
+        ["entry", "val loss", "val bits/char", "passkey accuracy (%)", "by depth (%)", "n",
+         "status", "pictures", "command"],
+        ([row.entry.key, _fmt(row, "loss"), _fmt(row, "bits_per_char"),
+          _fmt(row, "passkey_accuracy", scale=100, digits=1),
+          " / ".join(_fmt(row, f"passkey_accuracy_depth_{b}", scale=100, digits=0)
+                     for b in range(5)),
+          len(row.done), row.status, _pictures(row, folder, path.parent),
+          f"`{row.commands[0]}`"] for row in by_group[group]))
   samples = [(row, _first_sample(row)) for row in by_group.get("shakespeare", [])]
   samples = [(row, sample) for row, sample in samples if sample is not None]
   if samples:

@@ -368,7 +368,7 @@ def test_blocked_causal_attention_matches_the_reference_across_blocks():
     return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
 
   want, want_grads = loss("reference", 0)
-  for block in (8, 16, 64):
+  for block in (8, 64):  # several blocks, the last partial; one block
     got, grads = loss("blocked", block)
     _close(got, want, atol=1e-4)
     for g, w in zip(grads, want_grads):

@@ -57,19 +57,6 @@ LENGTH_MIXERS = (("attention (xla)", "attention", "xla"),
                  ("gla", "gla", "xla"), ("lightning", "lightning", "xla"))
 DECODE_MIXERS = ("attention", "linear", "gla", "lightning", "mamba")
 
-_PARTS = flags.DEFINE_list("parts", list(PARTS), f"Which parts: {', '.join(PARTS)}.")
-_ARG = flags.DEFINE_string("arg", "mixer=attention", "char_lm.py arguments of the step part.")
-_LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024", "2048", "4096"],
-                             "Contexts of the length part.")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", 8192, "Characters per step (length part).")
-_DECODE_LENGTH = flags.DEFINE_integer("decode_length", 1024, "Context of the decode part.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows (the median is reported).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
-_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch model too (if installed).")
-_PLOT = flags.DEFINE_string("plot", "", "Where the length part's plot goes ('' = none).")
-_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
-
-
 def _median_seconds(fn: Callable[[], Any], *, repeats: int, steps: int) -> float:
   """Median over `repeats` windows of the seconds per call of `fn` (after one warm-up call)."""
   jax.block_until_ready(fn())
@@ -143,8 +130,8 @@ def step_part(arg: str, *, repeats: int, steps: int, use_torch: bool,
       row["torch_ratio"] = torch_row["step"] / row["step_seconds"]
       print_fn(f"  PyTorch {torch_row['version']} ({torch_row['threads']} threads), same "
                f"model, same run: {1e3 * torch_row['step']:.1f} ms/step (forward "
-               f"{1e3 * torch_row['forward']:.1f} ms) -> ours is {row['torch_ratio']:.2f}x "
-               "faster")
+               f"{1e3 * torch_row['forward']:.1f} ms) -> PyTorch's time / ours = "
+               f"{row['torch_ratio']:.2f} (above 1: ours is faster)")
   return row
 
 
@@ -225,30 +212,52 @@ def decode_part(length: int, *, repeats: int, steps: int, arg: str = "",
   return {"rows": rows}
 
 
-def main(argv):
+def _define_flags() -> dict[str, Any]:
+  """The command line's flags, defined only when this module runs as the program (other
+  benchmarks define flags of the same names, and a test process may import several)."""
+  return dict(
+      parts=flags.DEFINE_list("parts", list(PARTS), f"Which parts: {', '.join(PARTS)}."),
+      arg=flags.DEFINE_string("arg", "mixer=attention", "char_lm.py arguments of the step "
+                              "part."),
+      lengths=flags.DEFINE_list("lengths", ["256", "512", "1024", "2048", "4096"],
+                                "Contexts of the length part."),
+      tokens=flags.DEFINE_integer("tokens_per_step", 8192, "Characters per step (length "
+                                  "part)."),
+      decode_length=flags.DEFINE_integer("decode_length", 1024, "Context of the decode part."),
+      repeats=flags.DEFINE_integer("repeats", 5, "Timed windows (the median is reported)."),
+      steps=flags.DEFINE_integer("steps", 10, "Steps per timed window."),
+      torch=flags.DEFINE_bool("torch", True, "Time the PyTorch model too (if installed)."),
+      plot=flags.DEFINE_string("plot", "", "Where the length part's plot goes ('' = none)."),
+      json=flags.DEFINE_string("json", "", "Also write the results to this JSON file."),
+  )
+
+
+def main(argv, flag):
   del argv
   logging.set_verbosity(logging.WARNING)
-  unknown = sorted(set(_PARTS.value) - set(PARTS))
+  value = {name: holder.value for name, holder in flag.items()}
+  unknown = sorted(set(value["parts"]) - set(PARTS))
   if unknown:
     raise app.UsageError(f"unknown parts {unknown}; valid: {', '.join(PARTS)}")
   device = jax.devices()[0]
   print(f"machine: {jax.device_count()} x {device.device_kind} ({device.platform}), jax "
         f"{jax.__version__}")
   result: dict[str, Any] = {"jax_version": jax.__version__, "device": device.device_kind}
-  if "step" in _PARTS.value:
-    result["step"] = step_part(_ARG.value, repeats=_REPEATS.value, steps=_STEPS.value,
-                               use_torch=_TORCH.value)
-  if "length" in _PARTS.value:
-    result["length"] = length_part([int(x) for x in _LENGTHS.value], _TOKENS.value,
-                                   repeats=_REPEATS.value, steps=_STEPS.value,
-                                   plot=_PLOT.value)
-  if "decode" in _PARTS.value:
-    result["decode"] = decode_part(_DECODE_LENGTH.value, repeats=_REPEATS.value,
-                                   steps=_STEPS.value)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if "step" in value["parts"]:
+    result["step"] = step_part(value["arg"], repeats=value["repeats"], steps=value["steps"],
+                               use_torch=value["torch"])
+  if "length" in value["parts"]:
+    result["length"] = length_part([int(x) for x in value["lengths"]], value["tokens"],
+                                   repeats=value["repeats"], steps=value["steps"],
+                                   plot=value["plot"])
+  if "decode" in value["parts"]:
+    result["decode"] = decode_part(value["decode_length"], repeats=value["repeats"],
+                                   steps=value["steps"])
+  if value["json"]:
+    with open(value["json"], "w") as f:
       json.dump(result, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))
