@@ -115,9 +115,10 @@ class Row:
   seeds: list[int]
   done: list[tuple[LanguageModelRun, grids.RunState]]
 
+  metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per done run
+
   def values(self, name: str) -> list[float]:
-    found = [run_metrics(state.results, run.config()) for run, state in self.done]
-    return [values[name] for values in found if name in values]
+    return [values[name] for values in self.metrics if name in values]
 
   def mean_std(self, name: str) -> tuple[float, float]:
     return grids.mean_std(self.values(name))
@@ -136,7 +137,8 @@ def collect(chosen: Sequence[Entry], *, seeds: int | Sequence[int],
     states = [grids.run_state(run) for run in entry_runs]
     done = [(run, s) for run, s in zip(entry_runs, states) if s.status == "done"]
     rows.append(Row(entry, grids.status_line(states), [run.command for run in entry_runs],
-                    [run.seed for run in entry_runs], done))
+                    [run.seed for run in entry_runs], done,
+                    [run_metrics(state.results, run.config()) for run, state in done]))
   return rows
 
 

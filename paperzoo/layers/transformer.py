@@ -71,10 +71,11 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}") from None
 
 
-def layer_norm(d_model: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(d_model: int, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.LayerNorm:
   return nnx.LayerNorm(
       d_model,
       epsilon=LAYER_NORM_EPS,
+      use_bias=use_bias,
       use_fast_variance=False,
       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),

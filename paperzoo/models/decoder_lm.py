@@ -48,18 +48,11 @@ from paperzoo.layers import causal_mixers
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense, flat_dense
 from paperzoo.layers.matmul import bf16_matmul, check_matmul_dtype
-from paperzoo.layers.transformer import LAYER_NORM_EPS
+from paperzoo.layers.transformer import layer_norm
 from paperzoo.registry import MODELS
 
 POSITIONS = ("learned", "rotary", "none")
 INIT_STD = 0.02
-
-
-def _norm(d_model: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      d_model, epsilon=LAYER_NORM_EPS, use_bias=use_bias, use_fast_variance=False,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -84,12 +77,12 @@ class Block(nnx.Module):
   def __init__(self, config: Any, *, d_model: int, layer_index: int, num_layers: int,
                rngs: nnx.Rngs):
     use_bias = bool(config.get("bias", False))
-    self.mixer_norm = _norm(d_model, use_bias, rngs)
+    self.mixer_norm = layer_norm(d_model, use_bias=use_bias, rngs=rngs)
     self.mixer = causal_mixers.make_causal_mixer(
         config.get("mixer", "attention"), d_model, config, layer_index=layer_index,
         num_layers=num_layers, rngs=rngs)
     hidden = int(round(float(config.get("mlp_ratio", 4.0)) * d_model))
-    self.mlp_norm = _norm(d_model, use_bias, rngs) if hidden else None
+    self.mlp_norm = layer_norm(d_model, use_bias=use_bias, rngs=rngs) if hidden else None
     self.mlp = (MLP(d_model, hidden, use_bias=use_bias, num_layers=num_layers,
                     matmul=config.get("matmul_dtype", "float32"), rngs=rngs)
                 if hidden else None)
@@ -138,7 +131,7 @@ class DecoderLM(nnx.Module):
     self.blocks = nnx.List([Block(config, d_model=d_model, layer_index=i,
                                   num_layers=num_layers, rngs=rngs)
                             for i in range(num_layers)])
-    self.norm = _norm(d_model, bool(config.get("bias", False)), rngs)
+    self.norm = layer_norm(d_model, use_bias=bool(config.get("bias", False)), rngs=rngs)
     self.matmul = config.get("matmul_dtype", "float32")
     check_matmul_dtype(self.matmul)
     self.head = (None if config.get("tie_embeddings", True) else
