@@ -17,7 +17,10 @@ Conventions:
   and the gradients written;
 - chunked linear attention FLOPs per token and head: 2 c (Dk + Dv) + 4 Dk Dv
   (chunk c: intra-chunk scores and values, state read-out and update),
-  forward only; baselines the jnp chunked form and the sequential scan.
+  forward only; baselines the jnp chunked form and the sequential scan;
+- block-sparse attention FLOPs 4 * B * H * Sq * Skv * D times the listed
+  fraction of key blocks, forward only; baselines dense attention of the same
+  shape (XLA's, and on GPU cuDNN's and the flash kernel).
 
 Shapes on GPU: the target grid (B*S = 16k tokens, H*D = 2048, D in {64,
 128}, S from 512 to 16k, causal and not; scan batch 8, channels 2048, state
@@ -42,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import compat
+from pallas_kernels.block_sparse_attention import (BlockList,
+                                                   block_sparse_attention)
 from pallas_kernels.chunked_linear_attention import chunked_linear_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.selective_scan import (reference_scan, selective_scan,
@@ -270,7 +275,62 @@ def bench_linear_attention(args, peaks: Peaks, dtype, pallas_impl: str
   _print_rows(rows, times)
 
 
-KERNELS = ("attention", "scan", "linear")
+def bench_block_sparse(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
+  """Block-sparse attention (forward) at several densities against dense
+  attention of the same shape: random key blocks per query block (the
+  diagonal block always listed), not causal, so the listed fraction is the
+  work's."""
+  on_gpu = compat.default_backend() == "gpu"
+  if args.quick:
+    lengths, heads, dim, block, densities = (128,), 2, 16, 16, (0.25,)
+  elif on_gpu:
+    lengths, heads, dim, block = (4096, 16384, 65536), 16, 128, 128
+    densities = (0.05, 0.1, 0.2, 0.5)
+  else:  # the long-context character model's attention: 4 heads of 32
+    lengths, heads, dim, block = (2048, 8192), 4, 32, 64
+    densities = (0.05, 0.1, 0.2, 0.5)
+  impls = ["xla"] + ([pallas_impl] if args.quick or on_gpu else [])
+  dense_impls = ["xla"] + (["cudnn", pallas_impl] if on_gpu else [])
+  rng = np.random.default_rng(0)
+  for seq in lengths:
+    shape = (1, seq, heads, dim)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+               for _ in range(3))
+    dense_times = {}
+    for impl in dense_impls:
+      fn = jax.jit(lambda q, k, v, impl=impl: flash_attention(q, k, v,
+                                                              impl=impl))
+      dense_times[f"dense {impl}"], note = _try_time(fn, q, k, v,
+                                                     iters=args.iters)
+      if note:
+        print(f"{'block_sparse':<18} {'S' + str(seq):<34} dense {impl} "
+              f"unavailable: {note}")
+    num_blocks = -(-seq // block)
+    for density in densities:
+      mask = rng.random((1, heads, num_blocks, num_blocks)) < density
+      mask |= np.eye(num_blocks, dtype=bool)[None, None]
+      blocks = BlockList.from_block_mask(mask, block, block)
+      listed = float(blocks.density(num_blocks))
+      label = f"B1 S{seq} H{heads} D{dim} b{block} {100 * listed:.0f}%"
+      flops = 4 * heads * seq * seq * dim * listed
+      times = {("block_sparse", label, "fwd"): dict(dense_times)}
+      rows = []
+      for impl in impls:
+        fn = jax.jit(lambda q, k, v, impl=impl: block_sparse_attention(
+            q, k, v, blocks, impl=impl))
+        seconds, note = _try_time(fn, q, k, v, iters=args.iters)
+        times[("block_sparse", label, "fwd")][impl] = seconds
+        if seconds is None:
+          print(f"{'block_sparse':<18} {label:<34} {impl:<11} fwd  "
+                f"unavailable: {note}")
+          continue
+        tflops = flops / seconds / 1e12
+        rows.append(Row("block_sparse", label, impl, "fwd", seconds, tflops,
+                        "TFLOP/s", tflops / peaks.matmul_tflops))
+      _print_rows(rows, times)
+
+
+KERNELS = ("attention", "scan", "linear", "block_sparse")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -317,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench_scan(args, peaks, dtype, pallas_impl)
   if "linear" in kernels:
     bench_linear_attention(args, peaks, dtype, pallas_impl)
+  if "block_sparse" in kernels:
+    bench_block_sparse(args, peaks, dtype, pallas_impl)
 
 
 if __name__ == "__main__":

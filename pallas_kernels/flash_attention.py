@@ -206,8 +206,10 @@ def attention_mask(q_len: int, kv_len: int, causal: bool,
 
 
 def reference_attention(q, k, v, *, causal=False, segment_ids=None,
-                        sm_scale=None):
-  """Pure-jnp attention in float32, differentiable by autodiff."""
+                        sm_scale=None, mask=None):
+  """Pure-jnp attention in float32, differentiable by autodiff. `mask`
+  (boolean, True = attend, broadcastable to [batch, heads, q_len, kv_len]) is
+  combined with the causal and segment masks."""
   heads, kv_heads = q.shape[2], k.shape[2]
   sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
   group = heads // kv_heads
@@ -216,7 +218,10 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None,
   hi = jax.lax.Precision.HIGHEST
   logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k,
                       precision=hi) * sm_scale
+  extra_mask = mask
   mask = attention_mask(q.shape[1], k.shape[1], causal, segment_ids)
+  if extra_mask is not None:
+    mask = extra_mask if mask is None else jnp.logical_and(mask, extra_mask)
   if mask is not None:
     logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))

@@ -98,6 +98,10 @@ def test_lm_speed_parts_run_and_print_their_ratios(tmp_path):
                             print_fn=lines.append)
   assert step["step_seconds"] > 0 and step["forward_seconds"] > 0
   assert "ms/step" in lines[0] and "of this machine's float32 matmul rate" in lines[1]
+  # The profile names the step's phases: the products of forward and backward are timed.
+  phases = {(phase, op) for phase, op, ms, _ in step["profile"]["rows"] if ms > 0}
+  assert {("forward", "dot_general"), ("backward", "dot_general")} <= phases
+  assert any("where the time goes" in line for line in lines)
   length = lm_speed.length_part([16, 32], 64, repeats=1, steps=2, arg="runlocal",
                                 mixers=lm_speed.LENGTH_MIXERS[1:2],
                                 plot=str(tmp_path / "speed.png"), print_fn=lines.append)

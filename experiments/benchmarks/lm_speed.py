@@ -13,7 +13,9 @@ Parts (each prints its lines and a ratio measured in the same run):
           AdamW), ms each, so the backward's and the optimizer's shares show; the step's
           FLOPs (XLA cost analysis) as a fraction of this machine's float32 matmul rate; and
           the same model in PyTorch (`torch_reference.char_lm_step_seconds`, when torch is
-          installed; it is not a dependency): PyTorch ms / ours = how much faster we are.
+          installed; it is not a dependency): PyTorch ms / ours = how much faster we are; and
+          where the step's time goes (`machine.profile_step`: XLA's operations timed by
+          jax.profiler, summed by phase and jax operation).
   length  training characters per second of the cpu-size model with softmax attention (XLA's
           `jax.nn.dot_product_attention`, and "blocked", which skips the masked half), GLA and
           Lightning at contexts `--lengths` with `--tokens_per_step` characters per step (batch
@@ -56,6 +58,7 @@ LENGTH_MIXERS = (("attention (xla)", "attention", "xla"),
                  ("attention (blocked)", "attention", "blocked"),
                  ("gla", "gla", "xla"), ("lightning", "lightning", "xla"))
 DECODE_MIXERS = ("attention", "linear", "gla", "lightning", "mamba")
+PROFILE_ROWS = 12  # of the step's profile, printed
 
 def _median_seconds(fn: Callable[[], Any], *, repeats: int, steps: int) -> float:
   """Median over `repeats` windows of the seconds per call of `fn` (after one warm-up call)."""
@@ -99,6 +102,7 @@ def step_part(arg: str, *, repeats: int, steps: int, use_torch: bool,
                                              steps=steps)
   # (last: the step donates the state, params included)
   row = machine.time_train_step(config, steps=steps, repeats=repeats, warmup=2, built=built)
+  profile = machine.profile_step(built, steps=max(steps, 5))
   row.update(forward_seconds=forward_seconds, forward_backward_seconds=forward_backward_seconds)
   matmul = machine.matmul_gflops()
   row["matmul_gflops"] = matmul
@@ -115,6 +119,15 @@ def step_part(arg: str, *, repeats: int, steps: int, use_torch: bool,
   print_fn(f"  {row['step_gflop']:.2f} GFLOP/step (XLA) -> {1e3 * row['achieved_tflops']:.0f} "
            f"GFLOP/s = {100 * row['achieved_tflops'] * 1e3 / matmul:.0f}% of this machine's "
            f"float32 matmul rate ({matmul:.0f} GFLOP/s, measured now)")
+  if profile["rows"]:
+    row["profile"] = profile
+    products = sum(ms for _, op, ms, _ in profile["rows"] if op == "dot_general")
+    print_fn(f"  where the time goes (jax.profiler, {profile['thunks_per_step']:.0f} XLA "
+             f"operations a step, {profile['total_ms']:.1f} ms): matrix products "
+             f"{products:.1f} ms, everything else {profile['total_ms'] - products:.1f} ms; the "
+             f"largest by phase and jax operation:")
+    for phase, op, ms, count in profile["rows"][:PROFILE_ROWS]:
+      print_fn(f"    {phase:8s} {op:22s} {ms:6.2f} ms  ({count:.0f} operations)")
   if use_torch:
     try:
       from experiments.benchmarks import torch_reference  # pylint: disable=g-import-not-at-top

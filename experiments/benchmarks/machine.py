@@ -1,9 +1,16 @@
 """What the benchmarks measure about the machine they run on, in the same run as their timings,
-and the trainer's own training step, timed."""
+and the trainer's own training step, timed and profiled."""
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -82,6 +89,7 @@ def time_train_step(config: Any, *, steps: int, repeats: int, warmup: int,
     windows.append((time.perf_counter() - start) / steps)
     losses.append(metrics["loss"])
   step_seconds = statistics.median(windows)
+  built["state"] = state  # the one passed in was donated
   batch_size = int(config.train.batch_size)
   return {
       "batch": batch_size, "num_params": int(built["num_params"]),
@@ -90,3 +98,54 @@ def time_train_step(config: Any, *, steps: int, repeats: int, warmup: int,
       "step_gflop": step_flops / 1e9, "achieved_tflops": step_flops / step_seconds / 1e12,
       "losses_finite": bool(all(np.isfinite(float(l)) for l in losses)),
   }
+
+
+# An instruction of XLA's compiled module and the jax operation it came from:
+#   %name = f32[768,128]{1,0} fusion(...), ..., metadata={op_name="jit(f)/transpose(jvp())/dot_general"
+_HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) .*?metadata=\{op_name="([^"]+)"',
+                              re.MULTILINE)
+
+
+def _phase(op_name: str) -> str:
+  """Where in a training step a jax operation sits, from its op_name: autodiff names the
+  backward's operations transpose(jvp(...)) and the forward's jvp(...); the rest is the update
+  (clipping, optimizer) and bookkeeping."""
+  if "transpose(" in op_name:
+    return "backward"
+  return "forward" if "jvp(" in op_name else "update"
+
+
+def profile_step(built: dict[str, Any], *, steps: int = 10) -> dict[str, Any]:
+  """Where a compiled training step's time goes: runs `steps` steps under `jax.profiler`, and
+  sums the time of each of XLA's executed operations (its thunks, one per fusion, product or
+  copy) by phase (forward, backward, update) and by the jax operation it came from
+  (dot_general, reduce_sum, mul, transpose, ...). `built` is `build_train_step`'s dict (its
+  state is donated and replaced). Returns {"rows": [(phase, operation, ms per step, count per
+  step)] largest first, "total_ms", "thunks_per_step"}. On devices whose profiles do not time
+  XLA's operations by name the rows come back empty."""
+  state, batch = built["state"], built["batch"]
+  compiled = built["step"].lower(state, batch).compile()
+  names = {m.group(1): m.group(3) for m in _HLO_INSTRUCTION.finditer(compiled.as_text())}
+  for _ in range(2):
+    state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+    traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    events = json.load(gzip.open(traces[0])) if traces else {}
+  built["state"] = state
+  events = events.get("traceEvents", []) if isinstance(events, dict) else events
+  total_us, count = collections.Counter(), collections.Counter()
+  for event in events:
+    op_name = names.get(event.get("name"))
+    if event.get("ph") == "X" and op_name is not None:
+      key = (_phase(op_name), op_name.rsplit("/", 1)[-1])
+      total_us[key] += float(event.get("dur", 0.0))
+      count[key] += 1
+  rows = [(phase, op, us / steps / 1e3, count[(phase, op)] / steps)
+          for (phase, op), us in total_us.most_common()]
+  return {"rows": rows, "total_ms": sum(r[2] for r in rows),
+          "thunks_per_step": sum(r[3] for r in rows)}

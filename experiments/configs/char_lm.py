@@ -29,7 +29,7 @@ Sizes:
         sees; a step costs about a second on 2 CPU cores), evaluated every 200; the
         block-sparse prefill methods are measured on it.
 The recall probes train 2-layer, 64-wide models (as Zoology's smallest) on generated data, batch
-64, 1,500 steps, selected on validation accuracy; MQAR with seq_len / 16 key-value pairs from a
+64, 5,000 steps at lr 3e-3, selected on validation accuracy; MQAR with seq_len / 16 key-value pairs from a
 vocabulary of 512 (Zoology: 8,192).
 
 Mixers other than attention use no position embedding (their state carries order), as their
@@ -52,8 +52,11 @@ _SIZES = {
     "long": dict(d_model=128, num_layers=4, num_heads=4, seq_len=2048, batch=4, steps=600,
                  dropout=0.0),
 }
-# The recall probes: small models on generated data (Zoology trains 2-layer models).
-_PROBE = dict(d_model=64, num_layers=2, num_heads=4, batch=64, steps=1500, dropout=0.0)
+# The recall probes: small models on generated data (Zoology trains 2-layer models). Attention
+# on MQAR sits on a plateau (one of the sequence's values, not the right one) for its first
+# ~3,000 steps at lr 3e-3 before the recall circuit forms.
+_PROBE = dict(d_model=64, num_layers=2, num_heads=4, batch=64, steps=5000, dropout=0.0)
+_PROBE_LEARNING_RATE = 3e-3
 _PROBE_SEQ_LEN = {"mqar": 64, "passkey": 256}
 LONG_PASSKEY_FRACTION = 0.25
 # Zoology's MQAR draws from 8,192 tokens; on the CPU the output layer over them would cost more
@@ -109,7 +112,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.train.log_every_steps = 50
   config.train.patience = 0
   config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
+  config.optimizer.learning_rate = _PROBE_LEARNING_RATE if probe else 1e-3
   config.optimizer.b2 = 0.99
   config.optimizer.weight_decay = 0.1
   config.optimizer.decay_vectors = False

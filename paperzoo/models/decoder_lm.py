@@ -48,7 +48,7 @@ from paperzoo.layers import causal_mixers
 from paperzoo.layers.attention import Dropout
 from paperzoo.layers.initializers import dense, flat_dense
 from paperzoo.layers.matmul import bf16_matmul, check_matmul_dtype
-from paperzoo.layers.transformer import layer_norm
+from paperzoo.layers.transformer import gelu, layer_norm
 from paperzoo.registry import MODELS
 
 POSITIONS = ("learned", "rotary", "none")
@@ -68,7 +68,7 @@ class MLP(nnx.Module):
                       matmul=matmul)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return flat_dense(self.proj, jax.nn.gelu(flat_dense(self.fc, x), approximate=False))
+    return flat_dense(self.proj, gelu(flat_dense(self.fc, x)))
 
 
 class Block(nnx.Module):

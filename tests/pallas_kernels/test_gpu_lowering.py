@@ -15,6 +15,8 @@ from jax import export
 
 from pallas_kernels import (chunked_linear_attention, flash_attention,
                             selective_scan)
+from pallas_kernels.block_sparse_attention import (BlockList,
+                                                   block_sparse_attention)
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -89,3 +91,26 @@ def test_linear_attention_forward_and_backward_lower(decay):
   module = lower_for_cuda(jax.grad(loss, argnums=argnums), q, q, v,
                           log_decay)
   assert module.count(_TRITON_CALL) == 2   # forward, backward
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,causal,dtype", [
+    (6, 2, 72, True, jnp.bfloat16),   # GQA, head_dim padded, list width 3 -> 4
+    (4, 4, 64, False, jnp.float32),
+])
+def test_block_sparse_attention_lowers(heads, kv_heads, head_dim, causal,
+                                       dtype):
+  q = jnp.zeros((2, 100, heads, head_dim), dtype)
+  kv = jnp.zeros((2, 130, kv_heads, head_dim), dtype)
+  mask = jnp.asarray([[[True, False, True], [True, True, True],
+                       [False, True, False], [True, False, False]]])[None]
+  blocks = BlockList.from_block_mask(mask, 32, 64)
+
+  def loss(q, k, v):
+    out = block_sparse_attention(q, k, v, blocks, causal=causal, impl="pallas")
+    return jnp.sum(out.astype(jnp.float32))
+
+  # The value keeps the forward kernel (the gradient alone recomputes through
+  # the xla path and would let the kernel be dropped).
+  module = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv,
+                          kv)
+  assert module.count(_TRITON_CALL) == 1
