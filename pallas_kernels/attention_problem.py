@@ -5,7 +5,8 @@
 different tiles and layouts. Both describe one padded problem with
 `AttentionProblem`, pad with `pad_axis` / `round_up`, mask logits with the
 finite `MASK_VALUE`, and wire their forward, dq and dk/dv kernels into a
-`custom_vjp` with `flash_custom_vjp`.
+`custom_vjp` with `flash_custom_vjp`. `check_attention_operands` is the
+operand check of every attention entry point (block-sparse attention too).
 """
 from __future__ import annotations
 
@@ -49,6 +50,47 @@ class AttentionProblem:
   def offset(self) -> int:
     """Query i sees key j iff j <= i + offset (causal, ends aligned)."""
     return self.kv_len - self.q_len
+
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_attention_operands(q, k, v) -> None:
+  """Raises ValueError unless q [batch, q_len, heads, head_dim] and k, v
+  [batch, kv_len, kv_heads, head_dim] fit one attention problem (heads a
+  multiple of kv_heads, one supported dtype)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.ndim(x) != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, length, heads, "
+                       f"head_dim], got shape {jnp.shape(x)}.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and "
+                     f"{v.shape}.")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"batch mismatch: q {q.shape}, k {k.shape}.")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"head_dim mismatch: q has {q.shape[-1]}, k and v have "
+                     f"{k.shape[-1]}.")
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads "
+                     f"({k.shape[2]}).")
+  if min(q.shape[1], k.shape[1], q.shape[-1]) < 1:
+    raise ValueError(f"empty q_len, kv_len or head_dim: q {q.shape}, "
+                     f"k {k.shape}.")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}.")
+  if q.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise ValueError(f"dtype {q.dtype} unsupported; use float32, bfloat16 or "
+                     "float16.")
+
+
+def check_integer_arrays(named: dict[str, Any]) -> None:
+  """Raises ValueError naming the first of `named` ({name: array}) that does
+  not hold integers (segment ids, block lists)."""
+  for name, x in named.items():
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"{name} must be integers, got {jnp.result_type(x)}.")
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -131,6 +131,20 @@ def _try_time(fn, *args, iters):
     return None, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
 
 
+def _forward_row(kernel: str, label: str, impl: str, fn: Callable, operands,
+                 flops: float, peaks: Peaks, times: dict, iters: int) -> list[Row]:
+  """Times fn(*operands) into times[(kernel, label, "fwd")][impl]: [its Row],
+  or [] (with a printed reason) when this impl cannot run here."""
+  seconds, note = _try_time(fn, *operands, iters=iters)
+  times.setdefault((kernel, label, "fwd"), {})[impl] = seconds
+  if seconds is None:
+    print(f"{kernel:<18} {label:<34} {impl:<11} fwd  unavailable: {note}")
+    return []
+  tflops = flops / seconds / 1e12
+  return [Row(kernel, label, impl, "fwd", seconds, tflops, "TFLOP/s",
+              tflops / peaks.matmul_tflops)]
+
+
 def bench_attention(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
   if args.quick:
     configs = [(1, 64, 2, 16)]
@@ -263,15 +277,8 @@ def bench_linear_attention(args, peaks: Peaks, dtype, pallas_impl: str
   for impl in (pallas_impl, "chunked", "reference"):
     fn = jax.jit(lambda q, k, v, w, impl=impl: chunked_linear_attention(
         q, k, v, w, chunk_size=chunk, impl=impl))
-    seconds, note = _try_time(fn, q, k, v, log_decay, iters=args.iters)
-    times.setdefault(("linear_attention", label, "fwd"), {})[impl] = seconds
-    if seconds is None:
-      print(f"{'linear_attention':<18} {label:<34} {impl:<11} fwd  "
-            f"unavailable: {note}")
-      continue
-    tflops = flops / seconds / 1e12
-    rows.append(Row("linear_attention", label, impl, "fwd", seconds, tflops,
-                    "TFLOP/s", tflops / peaks.matmul_tflops))
+    rows += _forward_row("linear_attention", label, impl, fn,
+                         (q, k, v, log_decay), flops, peaks, times, args.iters)
   _print_rows(rows, times)
 
 
@@ -318,15 +325,8 @@ def bench_block_sparse(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
       for impl in impls:
         fn = jax.jit(lambda q, k, v, impl=impl: block_sparse_attention(
             q, k, v, blocks, impl=impl))
-        seconds, note = _try_time(fn, q, k, v, iters=args.iters)
-        times[("block_sparse", label, "fwd")][impl] = seconds
-        if seconds is None:
-          print(f"{'block_sparse':<18} {label:<34} {impl:<11} fwd  "
-                f"unavailable: {note}")
-          continue
-        tflops = flops / seconds / 1e12
-        rows.append(Row("block_sparse", label, impl, "fwd", seconds, tflops,
-                        "TFLOP/s", tflops / peaks.matmul_tflops))
+        rows += _forward_row("block_sparse", label, impl, fn, (q, k, v), flops,
+                             peaks, times, iters=args.iters)
       _print_rows(rows, times)
 
 

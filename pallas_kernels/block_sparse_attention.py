@@ -47,12 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import compat
-from pallas_kernels.attention_problem import MASK_VALUE, pad_axis, round_up
+from pallas_kernels.attention_problem import (MASK_VALUE,
+                                              check_attention_operands,
+                                              check_integer_arrays, pad_axis,
+                                              round_up)
 from pallas_kernels.compat import pl
 from pallas_kernels.flash_attention import reference_attention
 
 IMPLS = ("auto", "xla", "pallas", "interpret", "reference")
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _LOG2E = math.log2(math.e)
 _MIN_KERNEL_BLOCK = 16  # Triton's dots need every dimension >= 16.
 
@@ -104,6 +106,13 @@ class BlockList:
     slot = jnp.arange(max_blocks)
     indices = jnp.where(slot < counts[..., None], indices, 0)
     return cls(indices, jnp.minimum(counts, max_blocks), block_q, block_kv)
+
+  def trimmed(self) -> "BlockList":
+    """The same list padded only to its longest row (concrete lists only):
+    selectors that run under `jit` pad to every key block, and the `xla`
+    path's work follows the padded width."""
+    width = max(int(np.max(np.asarray(self.counts))), 1)
+    return dataclasses.replace(self, indices=self.indices[..., :width])
 
   def to_block_mask(self, num_kv_blocks: int) -> jax.Array:
     """The boolean [batch or 1, heads or 1, num_q_blocks, num_kv_blocks]
@@ -179,28 +188,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 def _check_inputs(q, k, v, blocks, impl) -> None:
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if jnp.ndim(x) != 4:
-      raise ValueError(f"{name} must have rank 4 [batch, length, heads, "
-                       f"head_dim], got shape {jnp.shape(x)}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape} and "
-                     f"{v.shape}")
-  if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-    raise ValueError(f"q {q.shape} and k {k.shape} must share batch and "
-                     f"head_dim")
-  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-    raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads "
-                     f"({k.shape[2]})")
-  if min(q.shape[1], k.shape[1], q.shape[-1]) < 1:
-    raise ValueError(f"empty q_len, kv_len or head_dim: q {q.shape}, "
-                     f"k {k.shape}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}")
-  if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
-    raise ValueError(f"dtype {q.dtype} unsupported; use float32, bfloat16 or "
-                     f"float16")
+  check_attention_operands(q, k, v)
   if not isinstance(blocks, BlockList):
     raise ValueError(f"blocks must be a BlockList, got {type(blocks).__name__}")
   check_block_list(blocks, batch=q.shape[0], heads=q.shape[2],
@@ -241,10 +229,7 @@ def check_block_list(blocks: BlockList, *, batch: int, heads: int, q_len: int,
   if counts.shape[2] != nq:
     raise ValueError(f"blocks have {counts.shape[2]} query blocks; q_len "
                      f"{q_len} / block_q {blocks.block_q} needs {nq}")
-  for name, x in (("indices", indices), ("counts", counts)):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-      raise ValueError(f"blocks.{name} must be integers, got "
-                       f"{jnp.result_type(x)}")
+  check_integer_arrays({"blocks.indices": indices, "blocks.counts": counts})
   if isinstance(indices, jax.core.Tracer) or isinstance(counts, jax.core.Tracer):
     return
   indices, counts = np.asarray(indices), np.asarray(counts)

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import compat
 from pallas_kernels.attention_problem import (MASK_VALUE, AttentionProblem,
+                                              check_attention_operands,
+                                              check_integer_arrays,
                                               flash_custom_vjp, pad_axis,
                                               round_up)
 from pallas_kernels.compat import pl
@@ -59,7 +61,6 @@ from pallas_kernels.flash_attention_tpu import (TPUBlockSizes,
 
 IMPLS = ("auto", "pallas", "interpret", "reference", "xla", "cudnn", "tpu",
          "tpu_interpret")
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # Triton's tensor-core dots need every dimension >= 16.
 
@@ -148,30 +149,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 def _check_inputs(q, k, v, segment_ids, impl) -> None:
   if impl not in IMPLS:
     raise ValueError(f"Unknown impl {impl!r}; valid: {', '.join(IMPLS)}.")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if jnp.ndim(x) != 4:
-      raise ValueError(f"{name} must have rank 4 [batch, length, heads, "
-                       f"head_dim], got shape {jnp.shape(x)}.")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape} and "
-                     f"{v.shape}.")
-  if q.shape[0] != k.shape[0]:
-    raise ValueError(f"batch mismatch: q {q.shape}, k {k.shape}.")
-  if q.shape[-1] != k.shape[-1]:
-    raise ValueError(f"head_dim mismatch: q has {q.shape[-1]}, k and v have "
-                     f"{k.shape[-1]}.")
-  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-    raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads "
-                     f"({k.shape[2]}).")
-  if min(q.shape[1], k.shape[1], q.shape[-1]) < 1:
-    raise ValueError(f"empty q_len, kv_len or head_dim: q {q.shape}, "
-                     f"k {k.shape}.")
-  if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}.")
-  if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
-    raise ValueError(f"dtype {q.dtype} unsupported; use float32, bfloat16 or "
-                     "float16.")
+  check_attention_operands(q, k, v)
   if segment_ids is not None:
     if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
       raise ValueError("segment_ids must be None or a pair (q_segment_ids, "
@@ -184,10 +162,7 @@ def _check_inputs(q, k, v, segment_ids, impl) -> None:
     if jnp.shape(kv_seg) != (batch, kv_len):
       raise ValueError(f"kv_segment_ids must have shape [batch, kv_len] = "
                        f"{(batch, kv_len)}, got {jnp.shape(kv_seg)}.")
-    for name, seg in (("q_segment_ids", q_seg), ("kv_segment_ids", kv_seg)):
-      if not jnp.issubdtype(jnp.result_type(seg), jnp.integer):
-        raise ValueError(f"{name} must be integers, got "
-                         f"{jnp.result_type(seg)}.")
+    check_integer_arrays({"q_segment_ids": q_seg, "kv_segment_ids": kv_seg})
 
 
 def attention_mask(q_len: int, kv_len: int, causal: bool,

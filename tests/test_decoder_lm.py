@@ -17,6 +17,7 @@ from flax import nnx
 
 from experiments import configs
 from experiments import language_model_grid
+from paperzoo.config import ConfigError
 from paperzoo.generation import decoding
 from paperzoo.layers import causal_mixers
 from paperzoo.models.decoder_lm import DecoderLM
@@ -143,3 +144,25 @@ def test_the_char_model_trains_in_the_grid_writes_samples_and_the_sample_command
   assert unknown.stderr.strip().splitlines()[-1] == (
       "error: model.mixer='retnet': unknown mixer 'retnet'; valid: attention, linear, gla, "
       "lightning, mamba")
+
+
+def test_sparse_prefill_keeps_the_selected_blocks_outside_training_only():
+  tokens = jnp.asarray(_tokens(2, 16, seed=4))
+  sparse = dict(positions="rotary", sparse_prefill="xattention", sparse_block=8,
+                sparse_stride=4)
+  dense = _model("attention", positions="rotary")(tokens)
+  everything = _model("attention", sparse_threshold=1.0, **sparse)
+  logits, sown = nnx.capture(everything, nnx.Intermediate)(tokens)
+  np.testing.assert_allclose(logits, dense, atol=2e-5)
+  sown = jax.tree.leaves(sown)
+  assert len(sown) == 2 and all(float(d) == 1.0 for d in sown)  # one per layer
+  diagonal = _model("attention", sparse_threshold=0.0, **sparse)
+  # Two query blocks of 8: the first sees its own block, the second keeps only the diagonal
+  # of its two, so 2 of the 3 visible blocks.
+  logits, sown = nnx.capture(diagonal, nnx.Intermediate)(tokens)
+  assert np.abs(np.asarray(logits) - np.asarray(dense)).max() > 1e-3
+  np.testing.assert_allclose(jax.tree.leaves(sown), 2 / 3)
+  np.testing.assert_allclose(diagonal(tokens, train=True, rngs=nnx.Rngs(0)), dense, atol=2e-5)
+  with pytest.raises(ConfigError, match="model.sparse_prefill='minference': unknown method; "
+                     "valid: none, xattention"):
+    _model("attention", sparse_prefill="minference")

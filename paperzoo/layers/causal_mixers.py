@@ -36,6 +36,10 @@ al. 2019; Vaswani et al. 2017, Eq. 1), one fused [d, 3d] q/k/v map and an output
   (x1, x2 the head's halves, i = 0..d_h/2 - 1); otherwise no positions here (the model adds
   learned ones).
   Cache: k, v [B, max_length, H, d_h] float32; step writes position and attends to j <= position.
+  Outside training, `sparse_prefill` (`paperzoo.sparse_attention`) can replace the dense causal
+  attention of the parallel pass (prefill and evaluation) by block-sparse attention over the
+  key blocks a selector keeps (XAttention); each call sows the kept fraction of the causally
+  visible blocks as `nnx.Intermediate` "block_density".
 
 "linear": causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs", Eq. 4-6
 with the causal sums of Sec. 3.3, the RNN of Sec. 3.4), phi(u) = elu(u) + 1:
@@ -123,7 +127,7 @@ axis; GLA's low-rank gate W_a1 ("embed", None), W_a2 (None, "heads"), its RMSNor
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +139,8 @@ from paperzoo.layers.attention import Dropout, check_attention_impl, dot_product
 from paperzoo.layers.initializers import dense, flat_dense
 from paperzoo.layers.mamba import MambaBlock
 from paperzoo.layers.mixers import LINEAR_ATTENTION_EPS
+from paperzoo.sparse_attention import causal_block_mask, make_block_selector
+from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.chunked_linear_attention import (IMPLS as LINEAR_ATTENTION_IMPLS,
                                                      chunked_linear_attention,
                                                      linear_attention_state,
@@ -203,8 +209,10 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, d_model: int, *, num_heads: int, dropout_rate: float, impl: str,
                use_bias: bool, rotary: bool, rope_base: float, num_layers: int,
-               matmul: str, rngs: nnx.Rngs):
+               matmul: str, rngs: nnx.Rngs,
+               block_selector: Callable[..., Any] | None = None):
     _check_heads(d_model, num_heads)
+    self.block_selector = block_selector
     check_attention_impl(impl)
     self.num_heads, self.head_dim = num_heads, d_model // num_heads
     if rotary and self.head_dim % 2:
@@ -239,6 +247,14 @@ class CausalSelfAttention(nnx.Module):
       attended = dot_product_attention(
           q, k, v, causal=True, impl="reference",
           probs_dropout=lambda p: self.attention_dropout(p, deterministic=False, rngs=rngs))
+    elif not train and self.block_selector is not None:
+      blocks = self.block_selector(q, k)
+      # The fraction of the causally visible key blocks kept (nnx.Intermediate).
+      visible = causal_block_mask(x.shape[1], x.shape[1], blocks.block_q, blocks.block_kv)
+      self.sow(nnx.Intermediate, "block_density",
+               jnp.sum(blocks.counts) / (visible.sum() * blocks.counts.shape[0]
+                                         * blocks.counts.shape[1]))
+      attended = block_sparse_attention(q, k, v, blocks, causal=True)
     else:
       attended = dot_product_attention(q, k, v, causal=True, impl=self.impl)
     return self._out(attended, x.dtype), k, v
@@ -546,7 +562,7 @@ def make_causal_mixer(name: str, d_model: int, config: Any, *, layer_index: int,
         impl=get("attention_impl", "xla"), use_bias=use_bias,
         rotary=get("positions", "learned") == "rotary",
         rope_base=float(get("rope_base", 10000.0)), num_layers=num_layers, matmul=matmul,
-        rngs=rngs)
+        rngs=rngs, block_selector=make_block_selector(config))
   if name == "linear":
     return CausalLinearAttention(d_model, num_heads=num_heads, use_bias=use_bias,
                                  num_layers=num_layers, matmul=matmul, rngs=rngs, **kernel)

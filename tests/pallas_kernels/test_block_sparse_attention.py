@@ -107,6 +107,8 @@ def test_block_list_round_trip_and_padding():
   wide = BlockList.from_block_mask(mask, 8, 8, max_blocks=6)
   assert wide.max_blocks == 6
   np.testing.assert_array_equal(wide.to_block_mask(4), mask)
+  assert wide.trimmed().max_blocks == 3
+  np.testing.assert_array_equal(wide.trimmed().to_block_mask(4), mask)
 
 
 def test_traced_block_lists_work_under_jit():
