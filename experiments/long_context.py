@@ -3,7 +3,8 @@ selector keeps, what that costs in quality, and what it saves in time.
 
   python -m experiments.long_context \
       [--workdir=/tmp/paperzoo_reproduce_lm/protocol/long/attention/seed2021] \
-      [--methods=xattention] [--thresholds=0.8,0.9,0.95] [--speed_lengths=2048,8192] \
+      [--methods=xattention,minference] [--thresholds=0.5,0.7,0.9,0.95] [--lines=64,256] \
+      [--speed_lengths=2048,8192] \
       [--report=experiments/results/long_context.md]
 
 The model is the language-model grid's `long/attention` run (4 layers, width 128, 4 heads of 32,
@@ -11,8 +12,9 @@ rotary positions, context 2,048, passkeys in a quarter of its training windows; 
 `python -m experiments.reproduce lm --entries=long --seeds=1`). Its best checkpoint is restored
 with `model.sparse_prefill` set (`paperzoo.sparse_attention`), so every attention layer's
 parallel pass outside training runs block-sparse attention over the blocks the selector keeps
-(blocks of 64 queries and keys), and is scored, for dense attention and each (method,
-threshold):
+(blocks of 64 queries and keys), and is scored, for dense attention and each method setting
+(XAttention at each `--thresholds`, MInference's vertical-slash pattern with each `--lines`
+vertical and slash lines, estimated from the last 64 queries):
   * density: the kept fraction of the causally visible key blocks, averaged over layers, heads
     and the first `--density_windows` validation windows;
   * validation bits per character over the whole validation split (windows of 2,048; the
@@ -24,13 +26,15 @@ threshold):
     (`jax.nn.dot_product_attention`, XLA) against the selector plus block-sparse attention
     (the `xla` path on the selected blocks, padded to the longest row), each the best of
     `--repeats` timed calls after compilation, in one run.
-The report (`--report`) is rewritten at the end, with the machine, versions, date and command.
+The report (`--report`) is rewritten at the end, with the machine, versions, date and command,
+and its rows in JSON beside it (`long_context.json`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import pathlib
 import platform
@@ -64,17 +68,23 @@ EVAL_CHARACTERS = 16384
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str             # "dense" or a SPARSE_PREFILL method
-  threshold: float = 0.0
+  setting: float = 0.0  # XAttention's threshold; MInference's vertical and slash line counts
 
   @property
   def label(self) -> str:
-    return self.name if self.name == "dense" else f"{self.name} (threshold {self.threshold:g})"
+    if self.name == "xattention":
+      return f"xattention (threshold {self.setting:g})"
+    if self.name == "minference":
+      return f"minference ({self.setting:g} vertical + {self.setting:g} slash)"
+    return self.name
 
   def model_overrides(self) -> dict[str, Any]:
     if self.name == "dense":
       return {"sparse_prefill": "none"}
-    return {"sparse_prefill": self.name, "sparse_block": SPARSE_BLOCK,
-            "sparse_threshold": self.threshold}
+    overrides = {"sparse_prefill": self.name, "sparse_block": SPARSE_BLOCK}
+    if self.name == "xattention":
+      return dict(overrides, sparse_threshold=self.setting)
+    return dict(overrides, sparse_vertical=int(self.setting), sparse_slash=int(self.setting))
 
 
 def _load(workdir: str, method: Method):
@@ -129,7 +139,7 @@ def evaluate_method(workdir: str, method: Method, *, density_windows: int,
   val = task.splits["val"]
   scores = task.token_scores(predict, _FirstWindows(val, val_windows) if val_windows else val)
   nll = float(np.sum(scores["nll"] * scores["weights"]) / np.sum(scores["weights"]))
-  row = {"method": method.label, "name": method.name, "threshold": method.threshold,
+  row = {"method": method.label, "name": method.name, "setting": method.setting,
          "val_loss": nll, "val_bits_per_char": nll / math.log(2),
          "density": _density(model, task, density_windows)}
   if task.data.passkey_probe is not None:
@@ -216,7 +226,7 @@ def write_report(path: pathlib.Path, quality: list[dict[str, Any]], speed: list[
   ]
   for row in quality:
     change = "" if dense is None or row is dense else (
-        f"{row['val_bits_per_char'] - dense['val_bits_per_char']:+.4f}")
+        f"{round(row['val_bits_per_char'] - dense['val_bits_per_char'], 4) + 0.0:+.4f}")
     depth = " / ".join(f"{100 * a:.0f}" for a in row.get("passkey_by_depth", []))
     passkey = (f"{100 * row['passkey_accuracy']:.1f}" if "passkey_accuracy" in row else "")
     lines.append(f"| {row['method']} | {100 * row['density']:.1f}% | "
@@ -234,13 +244,19 @@ def write_report(path: pathlib.Path, quality: list[dict[str, Any]], speed: list[
                    f"{1e3 * row['seconds']:.1f} | {row['speedup']:.2f} |")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("\n".join(lines) + "\n")
+  # The rows themselves, so that the tables can be redrawn without recomputing them.
+  path.with_suffix(".json").write_text(json.dumps(
+      {"command": command, "workdir": workdir, "date": date, "quality": quality,
+       "speed": speed}, indent=1) + "\n")
 
 
 _WORKDIR = flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "The finished long-context run.")
-_METHODS = flags.DEFINE_list("methods", ["xattention"],
+_METHODS = flags.DEFINE_list("methods", ["xattention", "minference"],
                              f"Selectors, of {', '.join(SPARSE_PREFILL[1:])}.")
-_THRESHOLDS = flags.DEFINE_list("thresholds", ["0.8", "0.9", "0.95"],
-                                "Cumulative-mass thresholds, each method at each.")
+_THRESHOLDS = flags.DEFINE_list("thresholds", ["0.5", "0.7", "0.9", "0.95"],
+                                "XAttention's cumulative-mass thresholds.")
+_LINES = flags.DEFINE_list("lines", ["64", "256"],
+                           "MInference's vertical and slash line counts (each both).")
 _SPEED_LENGTHS = flags.DEFINE_list("speed_lengths", ["2048", "8192"],
                                    "Contexts of the timing rows.")
 _DENSITY_WINDOWS = flags.DEFINE_integer("density_windows", 8,
@@ -267,7 +283,11 @@ def main(argv: list[str]) -> None:
     raise workdir_lib.MissingRunError(
         f"{workdir} holds no finished run; train it with `python -m experiments.reproduce lm "
         f"--entries=long --seeds=1` (or pass --workdir)")
-  methods = [Method("dense")] + [Method(m, t) for m in _METHODS.value for t in thresholds]
+  lines = [int(n) for n in _LINES.value]
+  if any(n < 1 for n in lines):
+    raise config_lib.ConfigError(f"--lines={lines}: each must be >= 1")
+  settings = {"xattention": thresholds, "minference": lines}
+  methods = [Method("dense")] + [Method(m, x) for m in _METHODS.value for x in settings[m]]
   quality = []
   for method in methods:
     row = evaluate_method(workdir, method, density_windows=_DENSITY_WINDOWS.value,

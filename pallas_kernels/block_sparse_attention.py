@@ -156,17 +156,22 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     causal: also mask keys after the query (query t sees keys
       j <= t + kv_len - q_len).
     sm_scale: logit scale, default head_dim ** -0.5.
-    impl: "auto" (pallas on GPU, xla elsewhere), "xla", "pallas",
-      "interpret" or "reference".
+    impl: "auto" (pallas on GPU when the blocks suit the kernel, xla
+      otherwise), "xla", "pallas", "interpret" or "reference".
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype; query rows that see no key
     are 0.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+  if impl == "auto":
+    kernel_blocks = isinstance(blocks, BlockList) and all(
+        _kernel_block(size) for size in (blocks.block_q, blocks.block_kv))
+    impl = ("pallas" if compat.default_backend() == "gpu" and kernel_blocks
+            else "xla")
   _check_inputs(q, k, v, blocks, impl)
   sm_scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-  if impl == "auto":
-    impl = "pallas" if compat.default_backend() == "gpu" else "xla"
   if impl == "reference":
     nk = -(-k.shape[1] // blocks.block_kv)
     mask = _dense_mask(blocks, nk, q.shape[1], k.shape[1])
@@ -185,9 +190,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 # --------------------------------------------------------------- checking --
 
 
+def _kernel_block(size: int) -> bool:
+  """Whether the Pallas kernel takes this block size (Triton's tile rules)."""
+  return size >= _MIN_KERNEL_BLOCK and not size & (size - 1)
+
+
 def _check_inputs(q, k, v, blocks, impl) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
   check_attention_operands(q, k, v)
   if not isinstance(blocks, BlockList):
     raise ValueError(f"blocks must be a BlockList, got {type(blocks).__name__}")
@@ -196,7 +204,7 @@ def _check_inputs(q, k, v, blocks, impl) -> None:
   if impl in ("pallas", "interpret"):
     for name in ("block_q", "block_kv"):
       size = getattr(blocks, name)
-      if size < _MIN_KERNEL_BLOCK or size & (size - 1):
+      if not _kernel_block(size):
         raise ValueError(f"blocks.{name}={size}: impl={impl!r} needs a power "
                          f"of two >= {_MIN_KERNEL_BLOCK} (use impl='xla' for "
                          f"other block sizes)")

@@ -163,6 +163,6 @@ def test_sparse_prefill_keeps_the_selected_blocks_outside_training_only():
   assert np.abs(np.asarray(logits) - np.asarray(dense)).max() > 1e-3
   np.testing.assert_allclose(jax.tree.leaves(sown), 2 / 3)
   np.testing.assert_allclose(diagonal(tokens, train=True, rngs=nnx.Rngs(0)), dense, atol=2e-5)
-  with pytest.raises(ConfigError, match="model.sparse_prefill='minference': unknown method; "
-                     "valid: none, xattention"):
-    _model("attention", sparse_prefill="minference")
+  with pytest.raises(ConfigError, match="model.sparse_prefill='snapkv': unknown method; "
+                     "valid: none, xattention, minference"):
+    _model("attention", sparse_prefill="snapkv")

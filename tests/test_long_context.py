@@ -25,7 +25,7 @@ def test_long_context_scores_dense_and_xattention_and_writes_its_report(tmp_path
   assert len(outcome["trained"]) == 1, outcome
   workdir = outcome["trained"][0].workdir
   report = tmp_path / "long_context.md"
-  done = _run(f"--workdir={workdir}", "--thresholds=0.0,1.0", "--speed_lengths=128",
+  done = _run(f"--workdir={workdir}", "--thresholds=0.0,1.0", "--lines=1", "--speed_lengths=128",
               "--density_windows=1", "--val_windows=16", "--repeats=1",
               f"--report={report}")
   assert done.returncode == 0, done.stderr[-3000:]
@@ -38,13 +38,17 @@ def test_long_context_scores_dense_and_xattention_and_writes_its_report(tmp_path
   assert rows["xattention (threshold 1)"].split(" | ")[1] == "100.0%"
   assert rows["xattention (threshold 1)"].split(" | ")[3] == "+0.0000"
   assert rows["xattention (threshold 0)"].split(" | ")[1] == "66.7%"
+  # One vertical line (key 0) and one slash (offset 0): the diagonal blocks and block 0, so
+  # again 2 of the 3.
+  assert rows["minference (1 vertical + 1 slash)"].split(" | ")[1] == "66.7%"
   assert "| 128 | dense (XLA) | 100% |" in text
+  assert report.with_suffix(".json").exists()
   assert "passkey accuracy" in text and "the first 16 validation windows only" in text
 
-  unknown = _run(f"--workdir={workdir}", "--methods=minference")
+  unknown = _run(f"--workdir={workdir}", "--methods=flexprefill")
   assert unknown.returncode == 2
   assert unknown.stderr.strip().splitlines()[-1] == (
-      "error: --methods: unknown ['minference']; valid: xattention")
+      "error: --methods: unknown ['flexprefill']; valid: xattention, minference")
   missing = _run(f"--workdir={tmp_path / 'nothing'}")
   assert missing.returncode == 3
   assert "holds no finished run" in missing.stderr.strip().splitlines()[-1]

@@ -12,6 +12,8 @@ from pallas_kernels.flash_attention import reference_attention
 from paperzoo.sparse_attention import (causal_block_mask,
                                        cumulative_mass_selection,
                                        xattention_blocks)
+from paperzoo.sparse_attention.minference import (vertical_slash_blocks,
+                                                  vertical_slash_scores)
 from paperzoo.sparse_attention.xattention import antidiagonal_scores
 
 
@@ -127,3 +129,50 @@ def test_xattention_runs_under_jit_and_rejects_a_bad_stride():
   with pytest.raises(ValueError, match="block=16 must be a multiple of "
                      "stride=5"):
     xattention_blocks(q, q, block=16, stride=5)
+
+
+def test_vertical_slash_scores_sum_the_last_queries_attention_by_key_and_offset():
+  rng = np.random.default_rng(3)
+  q_len, kv_len, last_q = 20, 27, 6
+  q = rng.standard_normal((1, q_len, 2, 4)).astype(np.float32)
+  k = rng.standard_normal((1, kv_len, 1, 4)).astype(np.float32)
+  vertical, slash = vertical_slash_scores(jnp.asarray(q), jnp.asarray(k), last_q=last_q)
+  for h in range(2):
+    want_v, want_s = np.zeros(kv_len), np.zeros(kv_len)
+    for t in range(q_len - last_q, q_len):
+      position = t + kv_len - q_len
+      logits = k[0, :position + 1, 0] @ q[0, t, h] / 2.0
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      want_v[:position + 1] += probs
+      want_s[position - np.arange(position + 1)] += probs
+    np.testing.assert_allclose(vertical[0, h], want_v, atol=1e-5)
+    np.testing.assert_allclose(slash[0, h], want_s, atol=1e-5)
+
+
+def test_vertical_slash_finds_a_sink_key_and_the_local_diagonal():
+  rng = np.random.default_rng(4)
+  block, length, sink = 32, 256, 37
+  direction = rng.standard_normal(16).astype(np.float32)
+  q = np.tile(direction, (length, 1)) + 0.01 * rng.standard_normal((length, 16))
+  k = 0.1 * rng.standard_normal((length, 16))
+  k[sink] = 10.0 * direction   # every query that sees it attends to it
+  q = jnp.asarray(q[None, :, None], jnp.float32)
+  k = jnp.asarray(k[None, :, None], jnp.float32)
+  blocks = vertical_slash_blocks(q, k, block=block, vertical_size=2, slash_size=1)
+  mask = np.asarray(blocks.to_block_mask(8))[0, 0]
+  want = np.eye(8, dtype=bool)          # offset 0: each query block's own keys
+  want[:, 0] = True                     # key 0, always kept
+  want[1:, sink // block] = True        # the sink, for the blocks that see it
+  np.testing.assert_array_equal(mask, want)
+
+
+def test_vertical_slash_keeping_every_line_is_dense_attention():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 90, 2, 8)), jnp.float32) for _ in range(3))
+  blocks = jax.jit(lambda q, k: vertical_slash_blocks(q, k, block=16, vertical_size=90,
+                                                      slash_size=90))(q, k)
+  np.testing.assert_array_equal(blocks.to_block_mask(6)[0, 0],
+                                causal_block_mask(90, 90, 16, 16))
+  np.testing.assert_allclose(block_sparse_attention(q, k, v, blocks, causal=True),
+                             reference_attention(q, k, v, causal=True), atol=2e-5)

@@ -10,12 +10,16 @@ One module per method, each from its paper; `selection` holds what they share
 (the cumulative-mass rule, causal block visibility). A model picks its method
 by name (`make_block_selector`, the keys of `config.model`):
 
-  sparse_prefill    "none" (dense attention) | "xattention"; used by the
-                    attention mixer's parallel pass outside training (prefill
-                    and evaluation), never while training
+  sparse_prefill    "none" (dense attention) | "xattention" | "minference"
+                    (its vertical-slash pattern); used by the attention
+                    mixer's parallel pass outside training (prefill and
+                    evaluation), never while training
   sparse_block      block size, queries and keys (64)
   sparse_stride     XAttention's antidiagonal stride (8)
-  sparse_threshold  the cumulative-mass threshold (0.9)
+  sparse_threshold  XAttention's cumulative-mass threshold (0.9)
+  sparse_vertical   MInference: keys kept as vertical lines (64)
+  sparse_slash      MInference: offsets kept as slash lines (64)
+  sparse_last_q     MInference: the last queries that estimate them (64)
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ import functools
 from typing import Any, Callable
 
 from paperzoo.config import ConfigError
+from paperzoo.sparse_attention.minference import vertical_slash_blocks
 from paperzoo.sparse_attention.selection import (causal_block_mask,
                                                  cumulative_mass_selection)
 from paperzoo.sparse_attention.xattention import xattention_blocks
 
-SPARSE_PREFILL = ("none", "xattention")
+SPARSE_PREFILL = ("none", "xattention", "minference")
 
 
 def make_block_selector(config: Any) -> Callable[..., Any] | None:
@@ -41,6 +46,11 @@ def make_block_selector(config: Any) -> Callable[..., Any] | None:
                       f"{', '.join(SPARSE_PREFILL)}")
   if name == "none":
     return None
+  if name == "minference":
+    return functools.partial(
+        vertical_slash_blocks, block=int(get("sparse_block", 64)),
+        vertical_size=int(get("sparse_vertical", 64)),
+        slash_size=int(get("sparse_slash", 64)), last_q=int(get("sparse_last_q", 64)))
   return functools.partial(
       xattention_blocks, block=int(get("sparse_block", 64)),
       stride=int(get("sparse_stride", 8)),
@@ -48,4 +58,4 @@ def make_block_selector(config: Any) -> Callable[..., Any] | None:
 
 
 __all__ = ["SPARSE_PREFILL", "causal_block_mask", "cumulative_mass_selection",
-           "make_block_selector", "xattention_blocks"]
+           "make_block_selector", "vertical_slash_blocks", "xattention_blocks"]
