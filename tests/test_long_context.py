@@ -38,9 +38,10 @@ def test_long_context_scores_dense_and_xattention_and_writes_its_report(tmp_path
   assert rows["xattention (threshold 1)"].split(" | ")[1] == "100.0%"
   assert rows["xattention (threshold 1)"].split(" | ")[3] == "+0.0000"
   assert rows["xattention (threshold 0)"].split(" | ")[1] == "66.7%"
-  # One vertical line (key 0) and one slash (offset 0): the diagonal blocks and block 0, so
-  # again 2 of the 3.
-  assert rows["minference (1 vertical + 1 slash)"].split(" | ")[1] == "66.7%"
+  # One vertical line (key 0, always kept) and one slash (offset 0): block 0 and the diagonal,
+  # which in a 128-character window is every visible block, so dense attention exactly.
+  assert rows["minference (1 vertical + 1 slash)"].split(" | ")[1] == "100.0%"
+  assert rows["minference (1 vertical + 1 slash)"].split(" | ")[3] == "+0.0000"
   assert "| 128 | dense (XLA) | 100% |" in text
   assert report.with_suffix(".json").exists()
   assert "passkey accuracy" in text and "the first 16 validation windows only" in text

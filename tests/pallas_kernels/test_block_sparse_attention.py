@@ -58,8 +58,8 @@ def test_forward_and_gradients_match_the_dense_reference(shape, blocks_shared,
   for impl in FAST_IMPLS:
     got = block_sparse_attention(q, k, v, blocks, causal=causal, impl=impl)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=impl)
-    if impl == "interpret" and not blocks_shared:
-      continue  # its backward is the xla path's (custom_vjp): once is enough
+    if impl == "interpret" and q_len != 70:
+      continue  # its backward is the xla path's (custom_vjp): the smallest case is enough
     grads = jax.grad(loss(impl), argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip("qkv", grads, want_grads):
       np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-4,
