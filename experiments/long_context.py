@@ -54,7 +54,8 @@ from experiments import cli
 from experiments import grids
 from paperzoo import config as config_lib
 from paperzoo import workdir as workdir_lib
-from paperzoo.sparse_attention import SPARSE_PREFILL, make_block_selector
+from paperzoo.sparse_attention import (SPARSE_PREFILL, causal_block_mask,
+                                       make_block_selector)
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 DEFAULT_WORKDIR = "/tmp/paperzoo_reproduce_lm/protocol/long/attention/seed2021"
@@ -192,8 +193,8 @@ def speed_rows(workdir: str, methods: Sequence[Method], lengths: Sequence[int], 
           q, k, v, blocks, causal=True, impl="xla"))
       select_seconds = _best_seconds(lambda: selector(q, k), repeats)
       sparse_seconds = _best_seconds(lambda: sparse(q, k, v), repeats)
-      nk = -(-length // SPARSE_BLOCK)
-      visible = nk * (nk + 1) / 2 * blocks.counts.shape[1]
+      visible = (causal_block_mask(length, length, SPARSE_BLOCK, SPARSE_BLOCK).sum()
+                 * blocks.counts.shape[1])
       rows.append({"length": length, "method": method.label,
                    "seconds": select_seconds + sparse_seconds,
                    "select_seconds": select_seconds, "sparse_seconds": sparse_seconds,
