@@ -21,6 +21,10 @@ Conventions:
 - block-sparse attention FLOPs 4 * B * H * Sq * Skv * D times the listed
   fraction of key blocks, forward only; baselines dense attention of the same
   shape (XLA's, and on GPU cuDNN's and the flash kernel).
+- decode attention (one new token per sequence against a KV cache, forward):
+  GB/s of the valid keys and values read once; baselines single-pass masked
+  attention (`jax.nn.dot_product_attention` with the length mask, and the
+  float32 reference). On CPU the split-K `xla` path at caches of 4K to 32K.
 
 Shapes on GPU: the target grid (B*S = 16k tokens, H*D = 2048, D in {64,
 128}, S from 512 to 16k, causal and not; scan batch 8, channels 2048, state
@@ -48,6 +52,7 @@ from pallas_kernels import compat
 from pallas_kernels.block_sparse_attention import (BlockList,
                                                    block_sparse_attention)
 from pallas_kernels.chunked_linear_attention import chunked_linear_attention
+from pallas_kernels.decode_attention import decode_attention, visible_mask
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.selective_scan import (reference_scan, selective_scan,
                                            sequential_scan)
@@ -145,6 +150,60 @@ def _forward_row(kernel: str, label: str, impl: str, fn: Callable, operands,
               tflops / peaks.matmul_tflops)]
 
 
+def sum_gradient(fn: Callable, argnums: Sequence[int]) -> Callable:
+  """The gradient of sum(fn(*operands)) (in float32) with respect to the
+  operands at argnums: what the forward + backward timings run."""
+  def loss(*operands):
+    return jnp.sum(fn(*operands).astype(jnp.float32))
+  return jax.grad(loss, argnums=tuple(argnums))
+
+
+def scan_operands(rng: np.random.Generator, batch: int, length: int,
+                  channels: int, state: int, dtype) -> tuple:
+  """Random (u, delta, A, B, C, D, z, delta_bias) of a Mamba-style selective
+  scan (to run with delta_softplus=True): A = -exp(.) < 0, B and C
+  [batch, length, state] shared by all channels, A, D and delta_bias
+  float32."""
+  seq = (batch, length, channels)
+
+  def normal(shape, scale=1.0, dt=dtype):
+    return jnp.asarray(scale * rng.standard_normal(shape, np.float32), dt)
+
+  u, z = normal(seq), normal(seq)
+  delta = normal(seq, 0.5)
+  A = -jnp.exp(normal((channels, state), 0.5, jnp.float32))
+  B, C = normal((batch, length, state)), normal((batch, length, state))
+  D = normal((channels,), 1.0, jnp.float32)
+  delta_bias = normal((channels,), 0.5, jnp.float32)
+  return u, delta, A, B, C, D, z, delta_bias
+
+
+def linear_attention_operands(rng: np.random.Generator, batch: int,
+                              length: int, heads: int, dim: int,
+                              dtype) -> tuple:
+  """Random (q, k, v, log_decay) of decayed linear attention: q, k, v
+  [batch, length, heads, dim] in dtype, per-head log-decays
+  -softplus(-(x + 3)) in float32 (decays near 0.95)."""
+  shape = (batch, length, heads, dim)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+             for _ in range(3))
+  log_decay = jnp.asarray(
+      -np.log1p(np.exp(-rng.standard_normal(shape[:3], np.float32) - 3.0)))
+  return q, k, v, log_decay
+
+
+def random_block_mask(rng: np.random.Generator, heads: int, num_blocks: int,
+                      density: float, *, causal: bool = False) -> np.ndarray:
+  """[1, heads, num_blocks, num_blocks] bool: each key block listed with
+  probability `density`, the diagonal always; causal: only blocks on or
+  below the diagonal (then `density` is the fraction of those)."""
+  mask = rng.random((1, heads, num_blocks, num_blocks)) < density
+  mask |= np.eye(num_blocks, dtype=bool)[None, None]
+  if causal:
+    mask &= np.tril(np.ones((num_blocks, num_blocks), bool))[None, None]
+  return mask
+
+
 def bench_attention(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
   if args.quick:
     configs = [(1, 64, 2, 16)]
@@ -167,11 +226,7 @@ def bench_attention(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
         def forward(q, k, v, impl=impl):
           return flash_attention(q, k, v, causal=causal, impl=impl)
 
-        def forward_backward(q, k, v, impl=impl):
-          def loss(q, k, v):
-            return jnp.sum(forward(q, k, v).astype(jnp.float32))
-          return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
+        forward_backward = sum_gradient(forward, (0, 1, 2))
         fwd_s, note = _try_time(jax.jit(forward), q, k, v, iters=args.iters)
         both_s, note_b = (None, note) if fwd_s is None else _try_time(
             jax.jit(forward_backward), q, k, v, iters=args.iters)
@@ -193,18 +248,8 @@ def bench_attention(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
 def bench_scan(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
   batch, length, channels, state = args.scan_shape or (
       (1, 32, 16, 4) if args.quick else (8, 2048, 2048, 16))
-  rng = np.random.default_rng(0)
-  seq = (batch, length, channels)
-
-  def normal(shape, scale=1.0, dt=dtype):
-    return jnp.asarray(scale * rng.standard_normal(shape, np.float32), dt)
-
-  u, z = normal(seq), normal(seq)
-  delta = normal(seq, 0.5)
-  A = -jnp.exp(normal((channels, state), 0.5, jnp.float32))
-  B, C = normal((batch, length, state)), normal((batch, length, state))
-  D = normal((channels,), 1.0, jnp.float32)
-  bias = normal((channels,), 0.5, jnp.float32)
+  u, delta, A, B, C, D, z, bias = scan_operands(
+      np.random.default_rng(0), batch, length, channels, state, dtype)
   itemsize = jnp.dtype(dtype).itemsize
   bytes_moved = itemsize * (4 * batch * length * channels
                             + 2 * batch * length * state)
@@ -235,11 +280,7 @@ def bench_scan(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
                           + 4 * batch * length * state)
   times, rows = {}, []
   for name, fn in impls.items():
-    def forward_backward(*operands, fn=fn):
-      def loss(*operands):
-        return jnp.sum(fn(*operands).astype(jnp.float32))
-      return jax.grad(loss, argnums=tuple(range(8)))(*operands)
-
+    forward_backward = sum_gradient(fn, range(8))
     fwd_s, note = _try_time(jax.jit(fn), *operands, iters=args.iters)
     both_s, note_b = (None, note) if fwd_s is None else _try_time(
         jax.jit(forward_backward), *operands, iters=args.iters)
@@ -265,12 +306,8 @@ def bench_linear_attention(args, peaks: Peaks, dtype, pallas_impl: str
   batch, length, heads, dim = ((1, 64, 2, 16) if args.quick
                                else (4, 4096, 16, 128))
   chunk = 16 if args.quick else 64
-  rng = np.random.default_rng(0)
-  shape = (batch, length, heads, dim)
-  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-             for _ in range(3))
-  log_decay = jnp.asarray(
-      -np.log1p(np.exp(-rng.standard_normal(shape[:3], np.float32) - 3.0)))
+  q, k, v, log_decay = linear_attention_operands(
+      np.random.default_rng(0), batch, length, heads, dim, dtype)
   label = f"B{batch} L{length} H{heads} D{dim} c{chunk}"
   flops = batch * length * heads * (2 * chunk * 2 * dim + 4 * dim * dim)
   times, rows = {}, []
@@ -314,8 +351,7 @@ def bench_block_sparse(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
               f"unavailable: {note}")
     num_blocks = -(-seq // block)
     for density in densities:
-      mask = rng.random((1, heads, num_blocks, num_blocks)) < density
-      mask |= np.eye(num_blocks, dtype=bool)[None, None]
+      mask = random_block_mask(rng, heads, num_blocks, density)
       blocks = BlockList.from_block_mask(mask, block, block)
       listed = float(blocks.density(num_blocks))
       label = f"B1 S{seq} H{heads} D{dim} b{block} {100 * listed:.0f}%"
@@ -330,7 +366,53 @@ def bench_block_sparse(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
       _print_rows(rows, times)
 
 
-KERNELS = ("attention", "scan", "linear", "block_sparse")
+def bench_decode(args, peaks: Peaks, dtype, pallas_impl: str) -> None:
+  """Decode attention (forward): one query per sequence against caches of
+  growing capacity, filled to different lengths (all, 3/4, 1/2, 1/4), GQA;
+  the rate counts the valid keys and values (what a kernel must read)."""
+  on_gpu = compat.default_backend() == "gpu"
+  if args.quick:
+    capacities, batch, heads, kv_heads, dim = (128,), 2, 4, 2, 16
+  elif on_gpu:
+    capacities, batch, heads, kv_heads, dim = (
+        (4096, 16384, 65536, 131072), 8, 32, 8, 128)
+  else:
+    capacities, batch, heads, kv_heads, dim = (
+        (4096, 8192, 16384, 32768), 4, 8, 2, 64)
+  impls = ["xla"] + ([pallas_impl] if args.quick or on_gpu else [])
+  rng = np.random.default_rng(0)
+  for capacity in capacities:
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim), np.float32),
+                    dtype)
+    k, v = (jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim),
+                                            np.float32), dtype)
+            for _ in range(2))
+    lengths = jnp.asarray([capacity * (4 - i % 4) // 4 for i in range(batch)],
+                          jnp.int32)
+    label = f"B{batch} S{capacity} H{heads}/{kv_heads} D{dim} Tq1"
+    moved = 2 * int(lengths.sum()) * kv_heads * dim * jnp.dtype(dtype).itemsize
+    fns = {impl: lambda q, k, v, lengths, impl=impl: decode_attention(
+        q, k, v, lengths, impl=impl) for impl in impls}
+    fns["dense xla"] = lambda q, k, v, lengths: jax.nn.dot_product_attention(
+        q, k, v, mask=visible_mask(lengths, 1, capacity)[:, None])
+    fns["reference"] = lambda q, k, v, lengths: decode_attention(
+        q, k, v, lengths, impl="reference")
+    times, rows = {}, []
+    for name, fn in fns.items():
+      seconds, note = _try_time(jax.jit(fn), q, k, v, lengths,
+                                iters=args.iters)
+      times.setdefault(("decode", label, "fwd"), {})[name] = seconds
+      if seconds is None:
+        print(f"{'decode':<18} {label:<34} {name:<11} fwd  unavailable: "
+              f"{note}")
+      elif name in impls:
+        gbps = moved / seconds / 1e9
+        rows.append(Row("decode", label, name, "fwd", seconds, gbps, "GB/s",
+                        gbps / peaks.hbm_gbps))
+    _print_rows(rows, times)
+
+
+KERNELS = ("attention", "scan", "linear", "block_sparse", "decode")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -379,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench_linear_attention(args, peaks, dtype, pallas_impl)
   if "block_sparse" in kernels:
     bench_block_sparse(args, peaks, dtype, pallas_impl)
+  if "decode" in kernels:
+    bench_decode(args, peaks, dtype, pallas_impl)
 
 
 if __name__ == "__main__":

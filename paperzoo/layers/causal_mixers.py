@@ -16,7 +16,9 @@ has the same interface, x [B, T, d_model] the pre-normed block input:
                                           scalar (may be traced): the token at that position
 
 so prefill(x[:, :k]) followed by step() on x[:, k], x[:, k+1], ... gives the outputs of
-mixer(x, train=False). `step` has fixed shapes and jits once for every position.
+mixer(x, train=False). `step` has fixed shapes and jits once for every position. (Attention with
+kv_budget > 0 compresses its cache at the end of the prompt: prefill then returns a smaller
+cache, whose shape every step keeps, and the steps attend to the kept entries only.)
 
 Notation: d = d_model, H = num_heads, d_h = d / H, x_t the input at position t; heads are
 contiguous blocks of a projection's width. Every linear map runs on the flattened
@@ -35,7 +37,19 @@ al. 2019; Vaswani et al. 2017, Eq. 1), one fused [d, 3d] q/k/v map and an output
     R(x, p) = [x1 cos(p w) - x2 sin(p w), x2 cos(p w) + x1 sin(p w)],  w_i = rope_base^(-2i/d_h)
   (x1, x2 the head's halves, i = 0..d_h/2 - 1); otherwise no positions here (the model adds
   learned ones).
-  Cache: k, v [B, max_length, H, d_h] float32; step writes position and attends to j <= position.
+  Cache: k, v [B, max_length, H, d_h] float32; step writes position and attends to j <= position,
+  through `_attend_cache(q, cache, num_valid)`, attention over the cache's first num_valid
+  entries.
+  With kv_budget > 0, SnapKV (Li et al. 2024; `paperzoo.sparse_attention.snapkv`) compresses
+  the cache at the end of the prompt: prefill computes the prompt's outputs with full attention
+  as before, then keeps per head the min(P, kv_budget) prompt positions that the last
+  snapkv_window queries vote for (softmax weights summed over those queries, pooled over
+  snapkv_pool neighbours, top-k, and the window itself). Its cache is then k, v [B, S, H, d_h],
+  S = min(P, kv_budget) + max_length - P (P the prompt's length): the kept entries (keys
+  rotated by their absolute positions before caching, so compressing only gathers), then room
+  for the tokens to come, with "length", the int32 count of valid entries; step writes entry
+  length and attends to the entries below length + 1. `cache_bytes(batch, max_length, P)` is
+  its size.
   Outside training, `sparse_prefill` (`paperzoo.sparse_attention`) can replace the dense causal
   attention of the parallel pass (prefill and evaluation) by block-sparse attention over the
   key blocks a selector keeps (XAttention); each call sows the kept fraction of the causally
@@ -90,7 +104,8 @@ tokens, `paperzoo.layers.mamba.MambaBlock` (equations and init there):
   [B, d_inner, d_state], float32.
 
 Decoding memory, float32 per sequence and layer: attention's cache grows with max_length,
-8 d max_length bytes (k and v); the others are constant in the sequence length:
+8 d max_length bytes (k and v; 8 d (min(P, kv_budget) + max_length - P) with SnapKV, P the
+prompt's length); the others are constant in the sequence length:
 linear 4 d (d/H + 1), gla 4 d_k_total d / H (= 2 d^2 / H at key ratio 1/2), lightning 4 d^2 / H,
 mamba 4 d_inner (d_conv - 1 + d_state) bytes.
 
@@ -108,6 +123,17 @@ Config keys (read with `config.get(key, default)`):
     attention_dropout      0.0      dropout on attention probabilities while training
     positions              "learned"  "rotary": attention rotates q and k (else no positions)
     rope_base              10000.0  RoPE's base
+    decode_attention_impl  "dense"  attention's decoding steps over the cache: "dense" (one
+                                    masked pass, `dot_product_attention`) | "lean" (split
+                                    along the cache, LeanAttention: `pallas_kernels.
+                                    decode_attention`, its stream-K kernel on GPU, split-K
+                                    jnp elsewhere); both attend to the valid entries only
+    kv_budget              0        attention: prompt positions each head keeps in its cache at
+                                    the end of the prompt (SnapKV); 0 keeps the whole cache
+    snapkv_window          32       SnapKV's observation window (the last prompt queries,
+                                    always kept; kv_budget >= snapkv_window)
+    snapkv_pool            7        its pooling kernel over positions (odd)
+    snapkv_pooling         "avg"    "avg" | "max"
     linear_attention_impl  "auto"   `chunked_linear_attention` impl (linear, gla, lightning)
     chunk_size             64       its chunk length
     gla_key_ratio          0.5      GLA's total key width / d_model
@@ -140,13 +166,17 @@ from paperzoo.layers.initializers import dense, flat_dense
 from paperzoo.layers.mamba import MambaBlock
 from paperzoo.layers.mixers import LINEAR_ATTENTION_EPS
 from paperzoo.sparse_attention import causal_block_mask, make_block_selector
+from paperzoo.sparse_attention.snapkv import check_snapkv_arguments, compress_kv, snapkv_keep
 from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.chunked_linear_attention import (IMPLS as LINEAR_ATTENTION_IMPLS,
                                                      chunked_linear_attention,
                                                      linear_attention_state,
                                                      linear_attention_step)
 
 CAUSAL_MIXERS: tuple[str, ...] = ("attention", "linear", "gla", "lightning", "mamba")
+
+DECODE_ATTENTION_IMPLS = ("dense", "lean")
 
 LIGHTNING_DECAYS = ("alibi", "paper")
 
@@ -210,9 +240,22 @@ class CausalSelfAttention(nnx.Module):
   def __init__(self, d_model: int, *, num_heads: int, dropout_rate: float, impl: str,
                use_bias: bool, rotary: bool, rope_base: float, num_layers: int,
                matmul: str, rngs: nnx.Rngs,
-               block_selector: Callable[..., Any] | None = None):
+               block_selector: Callable[..., Any] | None = None, kv_budget: int = 0,
+               snapkv_window: int = 32, snapkv_pool: int = 7, snapkv_pooling: str = "avg",
+               decode_impl: str = "dense"):
     _check_heads(d_model, num_heads)
     self.block_selector = block_selector
+    if decode_impl not in DECODE_ATTENTION_IMPLS:
+      raise ValueError(f"unknown decode_attention_impl {decode_impl!r}; valid: "
+                       f"{', '.join(DECODE_ATTENTION_IMPLS)}")
+    self.decode_impl = decode_impl
+    if kv_budget < 0:
+      raise ValueError(f"kv_budget={kv_budget} must be >= 0 (0 keeps the whole cache)")
+    if kv_budget:
+      check_snapkv_arguments(budget=kv_budget, window=snapkv_window, pool_kernel=snapkv_pool,
+                             pooling=snapkv_pooling)
+    self.kv_budget, self.snapkv_window = int(kv_budget), int(snapkv_window)
+    self.snapkv_pool, self.snapkv_pooling = int(snapkv_pool), snapkv_pooling
     check_attention_impl(impl)
     self.num_heads, self.head_dim = num_heads, d_model // num_heads
     if rotary and self.head_dim % 2:
@@ -239,7 +282,7 @@ class CausalSelfAttention(nnx.Module):
     return flat_dense(self.out_proj, attended.reshape(attended.shape[:2] + (-1,))).astype(dtype)
 
   def _parallel(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     _check_tokens("attention", x)
     q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
     if train and self.dropout_rate > 0.0:
@@ -257,7 +300,7 @@ class CausalSelfAttention(nnx.Module):
       attended = block_sparse_attention(q, k, v, blocks, causal=True)
     else:
       attended = dot_product_attention(q, k, v, causal=True, impl=self.impl)
-    return self._out(attended, x.dtype), k, v
+    return self._out(attended, x.dtype), q, k, v
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     return self._parallel(x, train, rngs)[0]
@@ -266,27 +309,70 @@ class CausalSelfAttention(nnx.Module):
     shape = (batch_size, max_length, self.num_heads, self.head_dim)
     return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
 
+  def cache_slots(self, max_length: int, prompt_length: int) -> int:
+    """Entries per sequence and head of the cache that `prefill` of `prompt_length` tokens
+    returns for sequences of up to `max_length`: max_length, or with kv_budget the kept
+    prompt entries plus one per token still to come."""
+    if not self.kv_budget:
+      return max_length
+    return min(prompt_length, self.kv_budget) + max_length - prompt_length
+
+  def cache_bytes(self, batch_size: int, max_length: int, prompt_length: int) -> int:
+    """Bytes of this layer's cache after `prefill` of `prompt_length` tokens (the arrays'
+    nbytes: k and v float32, and the int32 count of valid entries with kv_budget)."""
+    entries = batch_size * self.cache_slots(max_length, prompt_length) * self.num_heads
+    return 2 * 4 * entries * self.head_dim + (4 if self.kv_budget else 0)
+
   def prefill(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    if x.shape[1] > cache["k"].shape[1]:
+    max_length = cache["k"].shape[1]
+    if x.shape[1] > max_length:
       raise ValueError(f"prefill of {x.shape[1]} positions into a cache of max_length "
-                       f"{cache['k'].shape[1]}")
-    y, k, v = self._parallel(x, False, None)
-    return y, {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
-                                                  (0, 0, 0, 0))
-               for name, new in (("k", k), ("v", v))}
+                       f"{max_length}")
+    y, q, k, v = self._parallel(x, False, None)
+    if not self.kv_budget:
+      return y, {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
+                                                    (0, 0, 0, 0))
+                 for name, new in (("k", k), ("v", v))}
+    # SnapKV: the outputs above saw every key; the cache keeps each head's selection, then
+    # room for the tokens to come (a new, smaller cache: init_cache's is not reused).
+    kept = snapkv_keep(q, k, budget=self.kv_budget, window=self.snapkv_window,
+                       pool_kernel=self.snapkv_pool, pooling=self.snapkv_pooling)
+    slots = self.cache_slots(max_length, x.shape[1])
+    compressed = {}
+    for name, kept_entries in zip(("k", "v"), compress_kv(k, v, kept)):
+      dtype = cache[name].dtype
+      compressed[name] = jnp.zeros((x.shape[0], slots) + kept_entries.shape[2:], dtype).at[
+          :, :kept.shape[-1]].set(kept_entries.astype(dtype))
+    compressed["length"] = jnp.asarray(kept.shape[-1], jnp.int32)
+    return y, compressed
 
   def step(self, x: jax.Array, cache: Cache, position: jax.Array) -> tuple[jax.Array, Cache]:
     position = jnp.asarray(position, jnp.int32)
-    q, k, v = self._qkv(x, position[None])
-    cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
-                                                (0, position, 0, 0))
-             for name, new in (("k", k), ("v", v))}
-    # Keys after `position` are zeros or stale; the mask keeps them out.
-    allowed = (jnp.arange(cache["k"].shape[1]) <= position)[None, None, None, :]
-    attended = dot_product_attention(
-        q.astype(cache["k"].dtype), cache["k"], cache["v"], mask=allowed,
+    q, k, v = self._qkv(x, position[None])  # rotated by the absolute position
+    # Dense: entry = position; compressed (kv_budget): the next free entry.
+    slot = cache["length"] if "length" in cache else position
+    new_cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
+                                                    (0, slot, 0, 0))
+                 for name, new in (("k", k), ("v", v))}
+    if "length" in cache:
+      new_cache["length"] = slot + 1
+    attended = self._attend_cache(q, new_cache, slot + 1)
+    return self._out(attended, x.dtype), new_cache
+
+  def _attend_cache(self, q: jax.Array, cache: Cache, num_valid: jax.Array) -> jax.Array:
+    """Attention [B, 1, H, d_h] of the new token's q [B, 1, H, d_h] over the first
+    `num_valid` entries (int32, a scalar or one per sequence [B]) of cache["k"], cache["v"]
+    [B, S, H, d_h]; the new token's own entry is the last valid one."""
+    q = q.astype(cache["k"].dtype)
+    if self.decode_impl == "lean":
+      lengths = jnp.broadcast_to(jnp.asarray(num_valid, jnp.int32), q.shape[:1])
+      return decode_attention(q, cache["k"], cache["v"], lengths)
+    # Entries from num_valid on are zeros or stale; the mask keeps them out.
+    num_valid = jnp.reshape(jnp.asarray(num_valid, jnp.int32), (-1, 1, 1, 1))
+    allowed = jnp.arange(cache["k"].shape[1])[None, None, None, :] < num_valid
+    return dot_product_attention(
+        q, cache["k"], cache["v"], mask=allowed,
         impl="reference" if self.impl == "reference" else "xla")
-    return self._out(attended, x.dtype), cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,6 +627,21 @@ class CausalMamba(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _check_snapkv_config(*, kv_budget: int, snapkv_window: int, snapkv_pool: int,
+                         snapkv_pooling: str) -> None:
+  """A one-line ConfigError naming the keys unless they make a valid SnapKV setting."""
+  if kv_budget < 0:
+    raise ConfigError(f"model.kv_budget={kv_budget} must be >= 0 (0 keeps the whole cache)")
+  if kv_budget:
+    try:
+      check_snapkv_arguments(budget=kv_budget, window=snapkv_window, pool_kernel=snapkv_pool,
+                             pooling=snapkv_pooling)
+    except ValueError as error:
+      raise ConfigError(f"model.kv_budget={kv_budget}, snapkv_window={snapkv_window}, "
+                        f"snapkv_pool={snapkv_pool}, snapkv_pooling={snapkv_pooling!r}: "
+                        f"{error}") from None
+
+
 def make_causal_mixer(name: str, d_model: int, config: Any, *, layer_index: int,
                       num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
   """The causal mixer `name` (one of CAUSAL_MIXERS) of layer `layer_index` of `num_layers`,
@@ -557,12 +658,20 @@ def make_causal_mixer(name: str, d_model: int, config: Any, *, layer_index: int,
   kernel = dict(impl=get("linear_attention_impl", "auto"), chunk_size=int(get("chunk_size", 64)))
   matmul = get("matmul_dtype", "float32")
   if name == "attention":
+    snapkv = dict(kv_budget=int(get("kv_budget", 0)), snapkv_window=int(get("snapkv_window", 32)),
+                  snapkv_pool=int(get("snapkv_pool", 7)),
+                  snapkv_pooling=get("snapkv_pooling", "avg"))
+    _check_snapkv_config(**snapkv)
+    if get("decode_attention_impl", "dense") not in DECODE_ATTENTION_IMPLS:
+      raise ConfigError(f"model.decode_attention_impl={get('decode_attention_impl')!r}: "
+                        f"unknown; valid: {', '.join(DECODE_ATTENTION_IMPLS)}")
     return CausalSelfAttention(
         d_model, num_heads=num_heads, dropout_rate=float(get("attention_dropout", 0.0)),
         impl=get("attention_impl", "xla"), use_bias=use_bias,
         rotary=get("positions", "learned") == "rotary",
         rope_base=float(get("rope_base", 10000.0)), num_layers=num_layers, matmul=matmul,
-        rngs=rngs, block_selector=make_block_selector(config))
+        rngs=rngs, block_selector=make_block_selector(config),
+        decode_impl=get("decode_attention_impl", "dense"), **snapkv)
   if name == "linear":
     return CausalLinearAttention(d_model, num_heads=num_heads, use_bias=use_bias,
                                  num_layers=num_layers, matmul=matmul, rngs=rngs, **kernel)

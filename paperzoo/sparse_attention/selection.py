@@ -1,12 +1,32 @@
 """What the block selectors share: which key blocks causality lets a query
-block see, and the cumulative-mass rule (XAttention's threshold, FlexPrefill's
+block see, the cumulative-mass rule (XAttention's threshold, FlexPrefill's
 gamma): per query block, the fewest key blocks whose estimated attention mass
-reaches a fraction of the row's total."""
+reaches a fraction of the row's total, the top-count rule (a fixed number of
+key blocks per query block), and the pooled block estimate of attention
+(FlexPrefill's query-aware pattern, MInference's block-sparse pattern):
+
+    q_bar_i = mean of the queries of block i,  k_bar_j = mean of the keys of
+    block j (real tokens only)
+    A_ij = softmax_j(sm_scale <q_bar_i, k_bar_j> | key block j visible to i)
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.attention_problem import check_attention_operands
+
+
+def check_queries_and_keys(q: jax.Array, k: jax.Array) -> None:
+  """ValueError unless q [batch, q_len, heads, head_dim] and k [batch, kv_len,
+  kv_heads, head_dim] fit one attention problem."""
+  check_attention_operands(q, k, k)
+
+
+def check_block(block: int) -> None:
+  if not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"block={block!r} must be a positive integer")
 
 
 def causal_block_mask(q_len: int, kv_len: int, block_q: int,
@@ -59,3 +79,50 @@ def cumulative_mass_selection(scores: jax.Array, threshold: float,
     always = always if allowed is None else always & allowed
     chosen = chosen | always
   return chosen
+
+
+def top_count_selection(scores: jax.Array, count: int,
+                        allowed: jax.Array | None = None) -> jax.Array:
+  """bool mask of scores' shape [..., num_kv_blocks]: per row, the `count`
+  allowed blocks with the largest scores (ties: the lower index), or every
+  allowed block when fewer; blocks outside `allowed` are never chosen."""
+  if count < 0:
+    raise ValueError(f"count={count} must be >= 0")
+  scores = jnp.asarray(scores, jnp.float32)
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, -jnp.inf)
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)  # each block's place
+  chosen = rank < count
+  if allowed is not None:
+    chosen = chosen & allowed
+  return chosen
+
+
+def block_means(x: jax.Array, block: int) -> jax.Array:
+  """[batch, heads, num_blocks, head_dim] float32: the mean of each block of
+  x [batch, length, heads, head_dim] over its real tokens (the last block may
+  be partial)."""
+  batch, length, heads, dim = x.shape
+  num_blocks = -(-length // block)
+  padded = jnp.pad(x.astype(jnp.float32),
+                   ((0, 0), (0, num_blocks * block - length), (0, 0), (0, 0)))
+  sums = padded.reshape(batch, num_blocks, block, heads, dim).sum(axis=2)
+  sizes = np.minimum(block, length - np.arange(num_blocks) * block)
+  return (sums / sizes[None, :, None, None]).transpose(0, 2, 1, 3)
+
+
+def pooled_block_attention(q: jax.Array, k: jax.Array, *, block: int,
+                           sm_scale: float | None = None) -> jax.Array:
+  """A: float32 [batch, heads, num_q_blocks, num_kv_blocks] (module
+  docstring), causal with the ends aligned: each row sums to 1 over the key
+  blocks its query block sees (0 for a block that sees none)."""
+  heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
+  sm_scale = dim ** -0.5 if sm_scale is None else sm_scale
+  q_bar = block_means(q, block)
+  k_bar = jnp.repeat(block_means(k, block), heads // kv_heads, axis=1)
+  logits = jnp.einsum("bhid,bhjd->bhij", q_bar, k_bar) * sm_scale
+  visible = jnp.asarray(causal_block_mask(q.shape[1], k.shape[1], block, block))
+  logits = jnp.where(visible, logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(visible, probs, 0.0)

@@ -17,6 +17,7 @@ from pallas_kernels import (chunked_linear_attention, flash_attention,
                             selective_scan)
 from pallas_kernels.block_sparse_attention import (BlockList,
                                                    block_sparse_attention)
+from pallas_kernels.decode_attention import decode_attention
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -114,3 +115,16 @@ def test_block_sparse_attention_lowers(heads, kv_heads, head_dim, causal,
   module = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv,
                           kv)
   assert module.count(_TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,q_len,dtype", [
+    (6, 2, 72, 3, jnp.bfloat16),   # GQA, head_dim padded, 9 query rows -> 16
+    (4, 4, 64, 1, jnp.float32),
+])
+def test_decode_attention_lowers(heads, kv_heads, head_dim, q_len, dtype):
+  q = jnp.zeros((2, q_len, heads, head_dim), dtype)
+  kv = jnp.zeros((2, 100, kv_heads, head_dim), dtype)
+  lengths = jnp.asarray([5, 100], jnp.int32)
+  module = lower_for_cuda(lambda q, k, v, lengths: decode_attention(
+      q, k, v, lengths, num_splits=8, impl="pallas"), q, kv, kv, lengths)
+  assert module.count(_TRITON_CALL) == 1   # forward only

@@ -12,7 +12,7 @@ def test_quick_bench_prints_every_kernel(capsys):
   assert "# measured peaks" in out
   for kernel, unit in (("attention", "TFLOP/s"), ("selective_scan", "GB/s"),
                        ("linear_attention", "TFLOP/s"),
-                       ("block_sparse", "TFLOP/s")):
+                       ("block_sparse", "TFLOP/s"), ("decode", "GB/s")):
     rows = [line for line in out.splitlines() if line.startswith(kernel)]
     assert rows and all(unit in line for line in rows), (kernel, out)
     assert all(" vs " in line for line in rows), out
