@@ -382,11 +382,6 @@ def plot_quality(quality: list[dict[str, Any]], snapkv: list[dict[str, Any]],
       left.plot([100 * r["density"] for r in rows],
                 [r["val_bits_per_char"] - dense["val_bits_per_char"] for r in rows],
                 marker="o", label=name)
-  left.set_xlabel("density (% of the visible key blocks kept)")
-  left.set_ylabel("validation bits/char - dense")
-  left.set_title("block-sparse prefill")
-  left.axhline(0.0, color="tab:gray", linewidth=0.8)
-  left.grid(alpha=0.3)
   left.legend()
   full = next((r for r in snapkv if r["budget"] == 0), None)
   compressed = sorted((r for r in snapkv if r["budget"]), key=lambda r: r["budget"])
@@ -395,11 +390,14 @@ def plot_quality(quality: list[dict[str, Any]], snapkv: list[dict[str, Any]],
                [r["val_bits_per_char"] - full["val_bits_per_char"] for r in compressed],
                marker="o", color="tab:purple")
     right.set_xscale("log", base=2)
-  right.set_xlabel("SnapKV cache budget (prompt positions kept per head)")
-  right.set_ylabel("bits/char of the decoded tail - full cache")
-  right.set_title("KV-cache compression")
-  right.axhline(0.0, color="tab:gray", linewidth=0.8)
-  right.grid(alpha=0.3)
+  for ax, (xlabel, ylabel, title) in (
+      (left, ("density (% of the visible key blocks kept)", "validation bits/char - dense",
+              "block-sparse prefill")),
+      (right, ("SnapKV cache budget (prompt positions kept per head)",
+               "bits/char of the decoded tail - full cache", "KV-cache compression"))):
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.axhline(0.0, color="tab:gray", linewidth=0.8)
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   return plots.save_figure(fig, path)
 

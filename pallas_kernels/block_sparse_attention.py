@@ -469,16 +469,6 @@ def _looped_forward(q, k, v, indices, counts, problem: _Problem):
   return out[:, :q_len].astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _looped_attention(q, k, v, indices, counts, problem: _Problem):
-  return _looped_forward(q, k, v, indices, counts, problem)
-
-
-def _looped_attention_fwd(q, k, v, indices, counts, problem):
-  out = _looped_forward(q, k, v, indices, counts, problem)
-  return out, (q, k, v, indices, counts)
-
-
 # ----------------------------------------------------------------- Pallas --
 
 
@@ -560,17 +550,8 @@ def _kernel_forward(q, k, v, indices, counts, problem: _Problem):
   return out[:, :q_len, :, :dim]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_attention(q, k, v, indices, counts, problem: _Problem):
-  return _kernel_forward(q, k, v, indices, counts, problem)
-
-
-def _kernel_attention_fwd(q, k, v, indices, counts, problem):
-  out = _kernel_forward(q, k, v, indices, counts, problem)
-  return out, (q, k, v, indices, counts)
-
-
 def _gathered_backward(problem, residuals, d_out):
+  """The VJP of the gathered `xla` form: the backward of every forward here."""
   q, k, v, indices, counts = residuals
   _, vjp = jax.vjp(
       lambda q, k, v: _gather_attention(q, k, v, indices, counts, problem),
@@ -578,5 +559,16 @@ def _gathered_backward(problem, residuals, d_out):
   return (*vjp(d_out), None, None)
 
 
-_kernel_attention.defvjp(_kernel_attention_fwd, _gathered_backward)
-_looped_attention.defvjp(_looped_attention_fwd, _gathered_backward)
+def _with_gathered_backward(forward):
+  """forward(q, k, v, indices, counts, problem) as a custom_vjp whose backward
+  is `_gathered_backward` (the forward's own loop has no reverse mode)."""
+  attention = jax.custom_vjp(forward, nondiff_argnums=(5,))
+  attention.defvjp(
+      lambda q, k, v, indices, counts, problem: (
+          forward(q, k, v, indices, counts, problem), (q, k, v, indices, counts)),
+      _gathered_backward)
+  return attention
+
+
+_looped_attention = _with_gathered_backward(_looped_forward)
+_kernel_attention = _with_gathered_backward(_kernel_forward)

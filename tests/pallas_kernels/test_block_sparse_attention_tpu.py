@@ -20,46 +20,17 @@ import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels import compat
 from pallas_kernels.block_sparse_attention import (_Problem, BlockList,
                                                    block_sparse_attention)
 from pallas_kernels.block_sparse_attention_tpu import _kv_block_table
 
-# One compile per call rather than one per eager op.
-_kv_block_table = jax.jit(_kv_block_table, static_argnums=2)
+# Every test resets TPU interpret mode's global state after it (conftest).
+pytestmark = pytest.mark.usefixtures("tpu_fast_jit")
 
 FWD_TOL, GRAD_TOL = 1e-5, 5e-5
-# conftest's cheap XLA options plus the legacy CPU fusion emitter, which
-# compiles the interpreted kernel ~2.5x faster (float32 semantics unchanged).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True,
-                 "xla_cpu_use_fusion_emitters": False}
 
-
-@pytest.fixture
-def fast_jit():
-  def jit(fn):
-    jitted = jax.jit(fn)
-
-    def call(*args):
-      try:
-        compiled = jitted.lower(*args).compile(compiler_options=_FAST_COMPILE)
-      except Exception as err:  # an XLA without the option: the defaults
-        if "compile option" not in str(err):
-          raise
-        compiled = jitted.lower(*args).compile()
-      return compiled(*args)
-
-    return call
-
-  return jit
-
-
-@pytest.fixture(autouse=True)
-def _clean_interpreter_state():
-  # TPU interpret mode keeps global state that a failed kernel leaves behind.
-  yield
-  compat.reset_tpu_interpret_state()
+# One compile per call rather than one per eager op.
+_kv_block_table = jax.jit(_kv_block_table, static_argnums=2)
 
 
 def _inputs(rng, batch, q_len, kv_len, heads, kv_heads, dim,
@@ -107,7 +78,7 @@ def _case(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_tpu_interpret_matches_reference(fast_jit, close, name):
+def test_tpu_interpret_matches_reference(tpu_fast_jit, close, name):
   (q, k, v), blocks, options = _case(name)
   weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
 
@@ -118,7 +89,7 @@ def test_tpu_interpret_matches_reference(fast_jit, close, name):
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
-  ((_, out), grads), ((_, want), want_grads) = fast_jit(
+  ((_, out), grads), ((_, want), want_grads) = tpu_fast_jit(
       lambda q, k, v: [value_and_grads(impl)
                        for impl in ("tpu_interpret", "reference")])(q, k, v)
   close(out, want, atol=FWD_TOL)

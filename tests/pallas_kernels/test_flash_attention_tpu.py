@@ -29,42 +29,11 @@ from pallas_kernels import compat, flash_attention
 from pallas_kernels.flash_attention import attention_mask
 from pallas_kernels.flash_attention_tpu import TPUBlockSizes
 
+# Every test resets TPU interpret mode's global state after it (conftest).
+pytestmark = pytest.mark.usefixtures("tpu_fast_jit")
+
 TOL = {jnp.float32: (2e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
 _TPU_CALL = "tpu_custom_call"
-
-
-# conftest's cheap XLA options, plus the legacy CPU fusion emitter: the
-# interpreted kernels compile ~2.5x faster with it (float32 semantics are
-# unchanged).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True,
-                 "xla_cpu_use_fusion_emitters": False}
-
-
-@pytest.fixture
-def fast_jit():
-  def jit(fn):
-    jitted = jax.jit(fn)
-
-    def call(*args):
-      try:
-        compiled = jitted.lower(*args).compile(compiler_options=_FAST_COMPILE)
-      except Exception as err:  # an XLA without the option: the defaults
-        if "compile option" not in str(err):
-          raise
-        compiled = jitted.lower(*args).compile()
-      return compiled(*args)
-
-    return call
-
-  return jit
-
-
-@pytest.fixture(autouse=True)
-def _clean_interpreter_state():
-  # TPU interpret mode keeps global state that a failed kernel leaves behind.
-  yield
-  compat.reset_tpu_interpret_state()
 
 
 def make_inputs(batch, q_len, kv_len, heads, kv_heads, head_dim, segments,
@@ -121,7 +90,7 @@ CASES = {
 }
 
 
-def _check(fast_jit, close, name, dtype):
+def _check(tpu_fast_jit, close, name, dtype):
   shape, causal, segments, sm_scale, blocks = CASES[name]
   q, k, v, segment_ids = make_inputs(*shape, segments=segments, dtype=dtype)
 
@@ -129,7 +98,7 @@ def _check(fast_jit, close, name, dtype):
     return [_value_and_grads(impl, causal, segment_ids, sm_scale, blocks)(
         q, k, v) for impl in ("tpu_interpret", "reference")]
 
-  ((_, out), grads), ((_, ref_out), ref_grads) = fast_jit(both)(
+  ((_, out), grads), ((_, ref_out), ref_grads) = tpu_fast_jit(both)(
       q, k, v, segment_ids)
   fwd_tol, grad_tol = TOL[dtype]
   chex.assert_shape(out, q.shape)
@@ -140,8 +109,8 @@ def _check(fast_jit, close, name, dtype):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_tpu_interpret_matches_reference_f32(fast_jit, close, name):
-  q, k, segment_ids, out, (dq, _, _) = _check(fast_jit, close, name,
+def test_tpu_interpret_matches_reference_f32(tpu_fast_jit, close, name):
+  q, k, segment_ids, out, (dq, _, _) = _check(tpu_fast_jit, close, name,
                                               jnp.float32)
   _, causal, _, _, _ = CASES[name]
   # Rows that see no key are exactly 0, with zero gradient; check there are
@@ -156,8 +125,8 @@ def test_tpu_interpret_matches_reference_f32(fast_jit, close, name):
     np.testing.assert_array_equal(np.asarray(dq)[empty], 0.0)
 
 
-def test_tpu_interpret_matches_reference_bf16(fast_jit, close):
-  _check(fast_jit, close, "causal_mqa_long_kv", jnp.bfloat16)
+def test_tpu_interpret_matches_reference_bf16(tpu_fast_jit, close):
+  _check(tpu_fast_jit, close, "causal_mqa_long_kv", jnp.bfloat16)
 
 
 def test_tpu_on_cpu_raises():
