@@ -5,7 +5,7 @@ side by side, from one resumable command.
       [--workdir=/tmp/paperzoo_reproduce_lm/protocol/long/attention/seed2021] \
       [--methods=xattention,minference,minference_heads,flexprefill,sale] \
       [--thresholds=0.5,0.7,0.9] [--lines=64,256] [--head_budgets=0.3,0.6] \
-      [--gammas=0.9,0.95] [--sale_thresholds=0.001,0.01] \
+      [--gammas=0.5,0.7,0.9,0.95] [--sale_thresholds=0.01,0.1,0.2,0.5] \
       [--budgets=64,128,256,512,1024] [--speed_lengths=2048,8192] \
       [--report=experiments/results/long_context.md]
 
@@ -505,8 +505,9 @@ _LINES = flags.DEFINE_list("lines", ["64", "256"],
 _HEAD_BUDGETS = flags.DEFINE_list("head_budgets", ["0.3", "0.6"],
                                   "MInference's per-head search: the kept fraction a head may "
                                   "use on the calibration sample.")
-_GAMMAS = flags.DEFINE_list("gammas", ["0.9", "0.95"], "FlexPrefill's cumulative-mass gammas.")
-_SALE_THRESHOLDS = flags.DEFINE_list("sale_thresholds", ["0.001", "0.01"],
+_GAMMAS = flags.DEFINE_list("gammas", ["0.5", "0.7", "0.9", "0.95"],
+                            "FlexPrefill's cumulative-mass gammas.")
+_SALE_THRESHOLDS = flags.DEFINE_list("sale_thresholds", ["0.01", "0.1", "0.2", "0.5"],
                                      "SALE's relative-attention-score thresholds.")
 _BUDGETS = flags.DEFINE_list("budgets", ["64", "128", "256", "512", "1024"],
                              "SnapKV cache budgets (prompt positions per head); [] skips.")
@@ -558,7 +559,7 @@ def main(argv: list[str]) -> None:
       "minference": _ints("lines", _LINES.value, 1),
       "minference_heads": _floats("head_budgets", _HEAD_BUDGETS.value, 1e-9, 1.0),
       "flexprefill": _floats("gammas", _GAMMAS.value, 0.0, 1.0),
-      "sale": _floats("sale_thresholds", _SALE_THRESHOLDS.value, 0.0, 1.0),
+      "sale": _floats("sale_thresholds", _SALE_THRESHOLDS.value, 0.0, math.inf),
   }
   budgets = _ints("budgets", _BUDGETS.value, 1)
   lengths = _ints("speed_lengths", _SPEED_LENGTHS.value, SPARSE_BLOCK)
