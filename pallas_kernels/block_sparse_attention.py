@@ -110,14 +110,19 @@ class BlockList:
     counts = block_mask.sum(-1, dtype=jnp.int32)
     if max_blocks is None:
       max_blocks = max(int(jnp.max(counts)), 1)
-    # A stable sort of "not visible" puts the visible blocks first, ascending.
-    order = jnp.argsort(~block_mask, axis=-1, stable=True).astype(jnp.int32)
+    # Each visible block goes to its rank among the visible ones (a running
+    # count, so in increasing order); the others to a spare last slot. A
+    # scatter, several times faster than sorting on a CPU.
     num_kv_blocks = block_mask.shape[-1]
+    rank = jnp.cumsum(block_mask, axis=-1, dtype=jnp.int32) - 1
+    slot = jnp.where(block_mask, rank, num_kv_blocks)
+    lists = jnp.zeros(block_mask.shape[:3] + (num_kv_blocks + 1,), jnp.int32)
+    lists = lists.at[tuple(jnp.indices(slot.shape)[:3]) + (slot,)].set(
+        jnp.broadcast_to(jnp.arange(num_kv_blocks, dtype=jnp.int32),
+                         slot.shape))
+    indices = lists[..., :min(max_blocks, num_kv_blocks)]
     if max_blocks > num_kv_blocks:
-      order = pad_axis(order, 3, max_blocks)
-    indices = order[..., :max_blocks]
-    slot = jnp.arange(max_blocks)
-    indices = jnp.where(slot < counts[..., None], indices, 0)
+      indices = pad_axis(indices, 3, max_blocks)
     return cls(indices, jnp.minimum(counts, max_blocks), block_q, block_kv)
 
   def trimmed(self) -> "BlockList":
