@@ -59,9 +59,10 @@ from jax import lax
 from pallas_kernels import compat
 from pallas_kernels.attention_problem import MASK_VALUE, pad_axis
 from pallas_kernels.compat import pl
-from pallas_kernels.flash_attention_tpu import (_NN, _NT, _SEMANTICS,
-                                                NUM_LANES, NUM_SUBLANES,
-                                                _lanes, _positions, _run_step)
+from pallas_kernels.flash_attention_tpu import (_NT, _SEMANTICS, NUM_LANES,
+                                                NUM_SUBLANES, _lanes,
+                                                _positions, _run_step,
+                                                online_softmax_update)
 
 
 def _sublanes(dtype) -> int:
@@ -134,20 +135,7 @@ def _forward_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, o_ref,
         mask = mask & (kv_pos <= _positions(q_start, 0, shape)
                        + problem.offset)
       s = jnp.where(mask, s, MASK_VALUE)
-    m_prev = m_scratch[...]                               # [bq, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - _lanes(m_next, bk))
-    if mask is not None:
-      # A row with no visible key so far has m_next == MASK_VALUE and
-      # exp(0) == 1 here; zeroing keeps its normaliser at 0, its output 0.
-      p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp(m_prev - m_next)
-    l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1,
-                                                      keepdims=True)
-    m_scratch[...] = m_next
-    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], _NN,
-                         preferred_element_type=jnp.float32)
-    acc_scratch[...] = _lanes(alpha, dim) * acc_scratch[...] + pv
+    online_softmax_update(s, mask, v_ref, m_scratch, l_scratch, acc_scratch)
 
   run = slot < counts_ref[row]
   full = kv_start + bk <= problem.kv_len

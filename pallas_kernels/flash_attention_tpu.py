@@ -255,6 +255,28 @@ _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 # ---------------------------------------------------------------- forward --
 
 
+def online_softmax_update(s, mask, v_ref, m_scratch, l_scratch, acc_scratch
+                          ) -> None:
+  """One key tile of a forward kernel's online softmax: logits s
+  [block_q, block_kv] (masked entries at MASK_VALUE, `mask` None when none
+  is), the running max and sum [block_q, 128] (lane-replicated) and output
+  accumulator [block_q, dim] in VMEM scratch, updated in place."""
+  m_prev = m_scratch[...]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.exp(s - _lanes(m_next, s.shape[1]))
+  if mask is not None:
+    # A row with no visible key so far has m_next == MASK_VALUE and
+    # exp(0) == 1 here; zeroing keeps its normaliser at 0, its output 0.
+    p = jnp.where(mask, p, 0.0)
+  alpha = jnp.exp(m_prev - m_next)
+  l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
+  m_scratch[...] = m_next
+  pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], _NN,
+                       preferred_element_type=jnp.float32)
+  acc_scratch[...] = (_lanes(alpha, acc_scratch.shape[-1]) * acc_scratch[...]
+                      + pv)
+
+
 def _forward_kernel(*refs, config: AttentionProblem, has_segments: bool):
   if has_segments:
     (q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_scratch,
@@ -287,20 +309,7 @@ def _forward_kernel(*refs, config: AttentionProblem, has_segments: bool):
                    _positions(kv_start, 1, shape), True, q_seg,
                    kv_seg)
       s = jnp.where(mask, s, MASK_VALUE)
-    m_prev = m_scratch[...]                              # [block_q, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - _lanes(m_next, block_kv))
-    if mask is not None:
-      # A row with no visible key so far has m_next == MASK_VALUE and
-      # exp(0) == 1 here; zeroing keeps its normaliser at 0, its output 0.
-      p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp(m_prev - m_next)
-    l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1,
-                                                      keepdims=True)
-    m_scratch[...] = m_next
-    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], _NN,
-                         preferred_element_type=jnp.float32)
-    acc_scratch[...] = _lanes(alpha, dim) * acc_scratch[...] + pv
+    online_softmax_update(s, mask, v_ref, m_scratch, l_scratch, acc_scratch)
 
   run, full = _tile_flags(config, q_start, block_q, kv_start, block_kv,
                           has_segments)
