@@ -53,6 +53,7 @@ def test_the_library_refuses_a_run_whose_prerequisite_is_missing(tmp_path):
   assert needed[0].config.seed == 2021 and needed[0].config.train.num_steps == 2
 
 
+@pytest.mark.slow  # trains a tokenizer, then VAR and DiT on it: most of a minute
 def test_experiments_run_trains_what_var_and_dit_need_first(tmp_path):
   """Two command lines, side by side: VAR (its tokenizer is missing) and DiT scoring samples
   (its reference classifier is missing); each trains its prerequisite, then itself."""

@@ -154,6 +154,7 @@ def test_two_processes_train_like_one_and_write_each_file_once(tmp_path):
     assert (tmp_path / "multi" / name).is_file(), name
 
 
+@pytest.mark.slow  # two processes train, stop and resume: over a minute of CPU
 @pytest.mark.multidevice
 def test_two_processes_stop_together_on_a_preemption_notice_and_resume(tmp_path):
   """SIGTERM to one process of two: both save at the same step and return "preempted", and a
